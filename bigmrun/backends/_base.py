@@ -1,0 +1,95 @@
+"""The System interface: how machines are started, watched and stopped.
+
+A system is one module behind this small interface (in the spirit of httpcore's network
+backends). Every method that can block takes a timeout; everything runs on bigmrun's
+I/O loop. The session (``B``) does the rest: TLS, installing services, keepalives,
+calls. One conformance suite (``tests/test_conformance.py``) runs against every system.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..rpc._tls import Leaf
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Everything a new machine needs to know; sent over a private channel, never argv.
+
+    ``leaf`` holds the machine's private key: systems must hand it over only through a
+    channel readable by the machine alone (a pipe, an SSH channel, a 0600 file).
+    """
+
+    name: str
+    session_id: str
+    leaf: Leaf
+    keepalive_timeout: float
+    env: dict[str, str] = field(default_factory=dict)
+    system: dict[str, Any] = field(default_factory=dict)  # system-specific settings
+
+    def boot_record(self, **extra: Any) -> dict[str, Any]:
+        """The JSON record the machine's supervisor reads at boot."""
+        return {
+            "name": self.name,
+            "session": self.session_id,
+            "leaf": self.leaf.to_dict(),
+            "keepalive_timeout": self.keepalive_timeout,
+            "system": self.system,
+            **extra,
+        }
+
+
+class OutputSink(Protocol):
+    """Where a system delivers each line a machine writes to stdout or stderr."""
+
+    def line(self, machine: str, stream: str, data: bytes) -> None: ...
+
+
+class MachineHandle(abc.ABC):
+    """A started machine as its system sees it."""
+
+    #: "host:port" the machine serves on.
+    addr: str
+    #: CPUs the machine may use.
+    maxprocs: int
+    #: Resolves (with the MachineLostError describing how) when the machine has ended.
+    exited: asyncio.Future[BaseException]
+
+    @abc.abstractmethod
+    async def kill(self, timeout: float = 5.0) -> None:
+        """Stop the machine now; returns once it is gone (or the timeout passed)."""
+
+    def describe(self) -> dict[str, Any]:
+        """System-specific facts for ``ps`` (pid, host, instance id...)."""
+        return {}
+
+
+class System(abc.ABC):
+    """A way to get machines: in-process, local processes, SSH hosts, EC2..."""
+
+    #: Short name: "test", "local", "ssh", "ec2".
+    name: str = "?"
+    #: A machine exits when it hears no keepalive for this long (seconds).
+    keepalive_timeout: float = 10.0
+    #: The driver sends a keepalive this often (seconds).
+    keepalive_interval: float = 1.0
+    #: Time allowed for one machine to start and report its address (seconds).
+    start_timeout: float = 60.0
+
+    @abc.abstractmethod
+    async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
+        """Start one machine and return once it serves (raise StartError otherwise)."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release what the system holds (after every machine was killed)."""
+
+    def boot_settings(self) -> dict[str, Any]:
+        """Settings a machine needs to rebuild this system for itself (see ``current()``)."""
+        return {"keepalive_timeout": self.keepalive_timeout}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,251 @@
+"""Client end of a connection: sends calls, matches replies, streams arguments out.
+
+Stream ids come from one process-wide counter, so the caller can pick them (and encode
+``StreamRef`` markers) on its own thread before it knows which connection will carry the
+call. Replies for calls we already gave up on (cancelled, timed out) are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..errors import BigmrunError, CallCancelledError, SerializationError
+from . import _protocol as P
+from ._codec import decode_error, encode_error, loads
+from ._connection import BaseConnection
+from ._streams import CHUNK, Credit, ItemInbox, send_with_credit
+
+_ids = itertools.count(1)
+
+
+def new_stream_id() -> int:
+    """A stream id unique in this process (thread-safe)."""
+    return next(_ids)
+
+
+class PendingCall:
+    """A call in flight. ``resolve(ok, value)`` runs on the loop thread, exactly once."""
+
+    __slots__ = ("method", "resolve", "sid", "streams")
+
+    def __init__(self, sid: int, method: str, resolve: Callable[[bool, Any], None],
+                 streams: list[int]) -> None:
+        self.sid = sid
+        self.method = method
+        self.resolve = resolve
+        self.streams = streams
+
+
+class ReplyStream:
+    """Iterator over the items a remote generator yields (sync ``for`` or ``async for``).
+
+    Items are fetched as they are consumed (bounded by flow control). Closing the
+    iterator early, or dropping it, cancels the remote generator.
+    """
+
+    def __init__(self, inbox: ItemInbox, cancel: Callable[[], None], what: str) -> None:
+        self._inbox = inbox
+        self._cancel = cancel
+        self._what = what
+        self._done = False
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        try:
+            data = self._inbox.get()
+        except BaseException:
+            self._done = True
+            raise
+        if data is None:
+            self._done = True
+            raise StopIteration
+        return loads(data, self._what)
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            data = await self._inbox.aget()
+        except BaseException:
+            self._done = True
+            raise
+        if data is None:
+            self._done = True
+            raise StopAsyncIteration
+        return loads(data, self._what)
+
+    def close(self) -> None:
+        """Stop the stream; the remote generator is cancelled if it is still running."""
+        if not self._done:
+            self._done = True
+            self._cancel()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ClientConnection(BaseConnection):
+    """Calls out over one connection. ``on_lost(conn, exc, pending)`` reports a break."""
+
+    def __init__(
+        self,
+        machine: str,
+        on_lost: Callable[[ClientConnection, BaseException, list[PendingCall]], None],
+    ) -> None:
+        super().__init__()
+        self.machine = machine
+        self.pending: dict[int, PendingCall] = {}
+        self._on_lost = on_lost
+
+    def start_call(self, payload: bytes, call: PendingCall,
+                   sources: list[tuple[int, Any]]) -> None:
+        """Send a REQUEST and start pumping its streamed arguments (loop thread)."""
+        if self.closed_exc is not None:
+            call.resolve(False, self.closed_exc)
+            return
+        self.pending[call.sid] = call
+        self.write(P.encode_frame(P.REQUEST, call.sid, payload))
+        for ssid, source in sources:
+            credit = Credit()
+            self.credits[ssid] = credit
+            threading.Thread(
+                target=_pump, args=(self, ssid, source, credit, call.method),
+                name=f"bigmrun-stream-{ssid}", daemon=True,
+            ).start()
+
+    def cancel_call(self, sid: int) -> None:
+        """Give up on a call: tell the machine, stop its streams (loop thread)."""
+        call = self.pending.pop(sid, None)
+        inbox = self.inboxes.pop(sid, None)
+        if call is None and inbox is None:
+            return
+        if call is not None:
+            self._stop_streams(call, CallCancelledError(f"{call.method} was cancelled"))
+        if inbox is not None:
+            inbox.finish(CallCancelledError("stream was cancelled"))
+        self.write(P.encode_frame(P.CANCEL, sid))
+
+    def _stop_streams(self, call: PendingCall, exc: BaseException) -> None:
+        for ssid in call.streams:
+            credit = self.credits.pop(ssid, None)
+            if credit is not None:
+                credit.close(exc)
+
+    def frame_received(self, frame: P.Frame) -> None:
+        t = frame.type
+        sid = frame.stream_id
+        if t == P.RESPONSE:
+            call = self.pending.pop(sid, None)
+            if call is None:
+                return
+            if frame.flags & P.FLAG_STREAM:
+                inbox = ItemInbox(self.credit_sender(sid))
+                self.inboxes[sid] = inbox
+                loop = self.loop
+
+                def cancel(sid: int = sid) -> None:
+                    try:
+                        loop.call_soon_threadsafe(self.cancel_call, sid)
+                    except RuntimeError:
+                        pass
+
+                call.resolve(True, ReplyStream(inbox, cancel, f"item of {call.method}"))
+                return
+            try:
+                value = loads(frame.payload, f"reply of {call.method}")
+            except SerializationError as e:
+                call.resolve(False, e)
+                return
+            call.resolve(True, value)
+        elif t == P.ERROR:
+            call = self.pending.pop(sid, None)
+            if call is None:
+                return
+            err = decode_error(frame.payload, self.machine)
+            self._stop_streams(call, err)
+            call.resolve(False, err)
+        else:
+            self.abort(BigmrunError(f"unexpected {P.FRAME_NAMES[t]} frame from a server"))
+
+    def end_error(self, frame: P.Frame) -> BaseException:
+        return decode_error(frame.payload, self.machine)
+
+    def lost(self, exc: BaseException) -> None:
+        pending = list(self.pending.values())
+        self.pending.clear()
+        self._on_lost(self, exc, pending)
+
+
+def _is_bytes(x: Any) -> bool:
+    return isinstance(x, (bytes, bytearray, memoryview))
+
+
+def _pump(conn: ClientConnection, sid: int, source: Any, credit: Credit, method: str) -> None:
+    """Stream one argument out, within the credit the machine grants (own thread)."""
+    loop = conn.loop
+
+    def send(part: bytes, more: bool) -> None:
+        loop.call_soon_threadsafe(conn.write_data, sid, part)
+
+    try:
+        if hasattr(source, "read"):
+            while True:
+                n = credit.take(CHUNK)
+                data = source.read(n)
+                if not data:
+                    credit.grant(n)
+                    break
+                if not _is_bytes(data):
+                    raise SerializationError(
+                        f"a streamed argument of {method} is a text file: open it in "
+                        f"binary mode ('rb')"
+                    )
+                if len(data) < n:
+                    credit.grant(n - len(data))
+                send(bytes(data), False)
+        else:
+            for chunk in source:
+                if not _is_bytes(chunk):
+                    raise SerializationError(
+                        f"a streamed argument of {method} yielded {type(chunk).__name__}, "
+                        f"not bytes: an iterator argument must yield bytes"
+                    )
+                if chunk:
+                    send_with_credit(credit, bytes(chunk), send)
+        loop.call_soon_threadsafe(conn.write_end, sid, None)
+    except BigmrunError as e:
+        if credit_closed(credit):
+            return  # the call ended or the connection broke: nothing more to send
+        _send_end_error(conn, sid, e)
+    except Exception as e:
+        _send_end_error(conn, sid, e)
+
+
+def credit_closed(credit: Credit) -> bool:
+    return credit._closed is not None
+
+
+def _send_end_error(conn: ClientConnection, sid: int, e: BaseException) -> None:
+    try:
+        conn.loop.call_soon_threadsafe(conn.write_end, sid, encode_error(e))
+    except RuntimeError:
+        pass

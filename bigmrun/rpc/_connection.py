@@ -1,0 +1,186 @@
+"""The transport: one asyncio protocol per TLS connection, feeding the sans-IO decoder.
+
+Everything here runs on the event loop thread except where a method says it is
+thread-safe. ``connection_made`` is called by asyncio only after the TLS handshake has
+succeeded, i.e. after the peer proved it holds a certificate of this session; no byte
+of an unauthenticated peer ever reaches :class:`FrameDecoder` or ``pickle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ..errors import NetworkError, ProtocolError
+from . import _protocol as P
+from ._streams import Credit, Inbox, ItemInbox
+from ._tls import peer_name
+
+log = logging.getLogger("bigmrun.rpc")
+
+WRITE_HIGH_WATER = 16 * 1024 * 1024
+
+
+class BaseConnection(asyncio.Protocol):
+    """Framing, write back-pressure and teardown common to both ends."""
+
+    def __init__(self, max_frame_size: int = P.DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.decoder = P.FrameDecoder(max_frame_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self.closed_exc: BaseException | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.closed = self.loop.create_future()
+        self.credits: dict[int, Credit] = {}  # streams we send: credit granted by the peer
+        self.inboxes: dict[int, Inbox] = {}  # streams we receive
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.peer = peer_name(transport.get_extra_info("ssl_object"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.receive_data(data)
+        except ProtocolError as e:
+            log.warning("closing connection from %s: %s", self.peer, e)
+            self.abort(e)
+            return
+        for f in frames:
+            t = f.type
+            if t == P.DATA:
+                inbox = self.inboxes.get(f.stream_id)
+                if inbox is None:
+                    continue  # a stream we gave up on: drop
+                if isinstance(inbox, ItemInbox):
+                    inbox.put_part(f.payload, bool(f.flags & P.FLAG_MORE))
+                else:
+                    inbox.put(f.payload)
+            elif t == P.WINDOW:
+                credit = self.credits.get(f.stream_id)
+                if credit is not None:
+                    credit.grant(P.decode_window(f))
+            elif t == P.END:
+                inbox = self.inboxes.pop(f.stream_id, None)
+                if inbox is not None:
+                    inbox.finish(self.end_error(f) if f.flags & P.FLAG_ERROR else None)
+            elif t == P.GOAWAY:
+                self.goaway_received()
+            else:
+                self.frame_received(f)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        err: BaseException
+        if self.closed_exc is not None:
+            err = self.closed_exc
+        else:
+            err = NetworkError(f"connection to {self.peer or 'peer'} lost"
+                               + (f": {exc}" if exc else ""))
+            if exc is not None:
+                err.__cause__ = exc
+            self.closed_exc = err
+        self.transport = None
+        for credit in self.credits.values():
+            credit.close(err)
+        self.credits.clear()
+        for inbox in self.inboxes.values():
+            inbox.finish(err)
+        self.inboxes.clear()
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(err)
+        self._drain_waiters.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.lost(err)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    # helpers
+    def credit_sender(self, stream_id: int) -> Any:
+        """A thread-safe function returning ``n`` bytes of credit on ``stream_id``."""
+        loop = self.loop
+
+        def send_credit(n: int) -> None:
+            frame = P.encode_window(stream_id, n)
+            try:
+                loop.call_soon_threadsafe(self.write, frame)
+            except RuntimeError:  # loop closed: the connection is gone anyway
+                pass
+
+        return send_credit
+
+    def write_data(self, stream_id: int, data: bytes, flags: int = 0) -> None:
+        t = self.transport
+        if t is not None:
+            t.write(P.encode_header(P.DATA, stream_id, len(data), flags))
+            t.write(data)
+
+    def write_end(self, stream_id: int, error_payload: bytes | None = None) -> None:
+        self.credits.pop(stream_id, None)
+        if error_payload is None:
+            self.write(P.encode_frame(P.END, stream_id))
+        else:
+            self.write(P.encode_frame(P.END, stream_id, error_payload, P.FLAG_ERROR))
+
+    async def drain(self) -> None:
+        if self.closed_exc is not None:
+            raise self.closed_exc
+        if self._paused:
+            fut = self.loop.create_future()
+            self._drain_waiters.append(fut)
+            await fut
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None:
+            t.write(data)
+
+    def abort(self, exc: BaseException) -> None:
+        if self.closed_exc is None:
+            self.closed_exc = exc
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Close in order: GOAWAY, then close the transport."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(P.encode_frame(P.GOAWAY, 0))
+            self.transport.close()
+
+    # for subclasses
+    def frame_received(self, frame: P.Frame) -> None:
+        """REQUEST, RESPONSE, ERROR and CANCEL frames."""
+        raise NotImplementedError
+
+    def end_error(self, frame: P.Frame) -> BaseException:
+        """The error an END frame with FLAG_ERROR carries."""
+        raise NotImplementedError
+
+    def goaway_received(self) -> None:
+        pass
+
+    def lost(self, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def is_open(self) -> bool:
+        return self.transport is not None and self.closed_exc is None
+
+    def extra(self, key: str) -> Any:
+        return self.transport.get_extra_info(key) if self.transport else None

@@ -1,0 +1,292 @@
+"""Server end of a connection: decode calls, run them, send replies.
+
+Regular ``def`` methods run in a worker thread pool, so several calls into one machine
+run at once and a slow method never stalls the event loop; ``async def`` methods (and
+async generators) run as tasks on the loop. A CANCEL frame cancels the task, or sets
+the call's ``cancelled`` event for a thread (visible through ``bigmrun.cancelled()``)
+and stops its streams. A generator's items stream back under flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ssl
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from .._context import CallState, current_b, current_call
+from ..errors import BigmrunError, CallCancelledError
+from . import _protocol as P
+from ._codec import (
+    KIND_CANCELLED,
+    StreamRef,
+    decode_method,
+    decode_request_body,
+    dumps,
+    encode_error,
+)
+from ._connection import BaseConnection
+from ._streams import Credit, Inbox, StreamReader, asend_with_credit, send_with_credit
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A callable service method and how to run it."""
+
+    fn: Callable[..., Any]
+    is_async: bool
+    is_asyncgen: bool
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> Handler:
+        return cls(fn, inspect.iscoroutinefunction(fn), inspect.isasyncgenfunction(fn))
+
+
+class Dispatcher:
+    """Maps ``"Service.method"`` to a :class:`Handler` (implemented by the supervisor)."""
+
+    def lookup(self, method: str) -> Handler:
+        raise NotImplementedError
+
+
+class _Running:
+    __slots__ = ("credit", "method", "sid", "state", "task")
+
+    def __init__(self, sid: int, method: str) -> None:
+        self.sid = sid
+        self.method = method
+        self.state = CallState(method)
+        self.task: asyncio.Task[Any] | None = None
+        self.credit: Credit | None = None
+
+    def cancel(self) -> None:
+        self.state.cancelled.set()
+        if self.task is not None:
+            self.task.cancel()
+        if self.credit is not None:
+            self.credit.close(CallCancelledError(f"{self.method} was cancelled"))
+
+
+class ServerConnection(BaseConnection):
+    """Serves calls from one authenticated peer."""
+
+    def __init__(self, dispatcher: Dispatcher, executor: Executor, b: Any,
+                 connections: set[ServerConnection] | None = None) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.executor = executor
+        self.b = b
+        self.running: dict[int, _Running] = {}
+        self._connections = connections
+        self._loop_thread: int | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        import threading
+
+        self._loop_thread = threading.get_ident()
+        if self._connections is not None:
+            self._connections.add(self)
+
+    def frame_received(self, frame: P.Frame) -> None:
+        t = frame.type
+        if t == P.REQUEST:
+            self._request(frame)
+        elif t == P.CANCEL:
+            run = self.running.pop(frame.stream_id, None)
+            if run is not None:
+                run.cancel()
+            inbox = self.inboxes.pop(frame.stream_id, None)
+            if inbox is not None:
+                inbox.finish(CallCancelledError("stream was cancelled"))
+        else:
+            self.abort(BigmrunError(f"unexpected {P.FRAME_NAMES[t]} frame from a client"))
+
+    def end_error(self, frame: P.Frame) -> BaseException:
+        from ._codec import decode_error
+
+        return decode_error(frame.payload, self.peer)
+
+    def lost(self, exc: BaseException) -> None:
+        if self._connections is not None:
+            self._connections.discard(self)
+        running = list(self.running.values())
+        self.running.clear()
+        for run in running:
+            run.cancel()
+
+    # --- running a call ------------------------------------------------------------
+
+    def _request(self, frame: P.Frame) -> None:
+        sid = frame.stream_id
+        method = "?"
+        try:
+            method, off = decode_method(frame.payload)
+            handler = self.dispatcher.lookup(method)
+            args, kwargs, meta = decode_request_body(frame.payload, off, method)
+            if meta and meta.get("streams"):
+                args, kwargs = self._attach_streams(args, kwargs)
+        except Exception as e:
+            self.write(P.encode_frame(P.ERROR, sid, encode_error(e)))
+            return
+        run = _Running(sid, method)
+        self.running[sid] = run
+        if handler.is_async or handler.is_asyncgen:
+            run.task = self.loop.create_task(self._run_async(run, handler, args, kwargs))
+        else:
+            self.executor.submit(self._run_sync, run, handler.fn, args, kwargs)
+
+    def _attach_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
+            tuple[Any, ...], dict[str, Any]]:
+        def attach(v: Any) -> Any:
+            if isinstance(v, StreamRef):
+                inbox = Inbox(self.credit_sender(v.stream_id))
+                self.inboxes[v.stream_id] = inbox
+                return StreamReader(inbox, self._loop_thread)
+            return v
+
+        return tuple(attach(a) for a in args), {k: attach(v) for k, v in kwargs.items()}
+
+    def _run_sync(self, run: _Running, fn: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> None:
+        """Worker thread: run the method and send its reply."""
+        loop = self.loop
+        b_token = current_b.set(self.b)
+        c_token = current_call.set(run.state)
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isgenerator(result):
+                self._stream_sync(run, result)
+                return
+            payload = dumps(result, f"reply of {run.method}")
+            loop.call_soon_threadsafe(self._respond, run, payload)
+        except BaseException as e:
+            self._fail_threadsafe(run, e)
+        finally:
+            current_call.reset(c_token)
+            current_b.reset(b_token)
+
+    def _fail_threadsafe(self, run: _Running, e: BaseException) -> None:
+        kind = KIND_CANCELLED if run.state.cancelled.is_set() else None
+        try:
+            self.loop.call_soon_threadsafe(self._fail, run, encode_error(e, kind))
+        except RuntimeError:  # loop closed: the machine is exiting
+            pass
+
+    def _respond(self, run: _Running, payload: bytes) -> None:
+        if self.running.pop(run.sid, None) is run:
+            self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
+
+    def _fail(self, run: _Running, payload: bytes) -> None:
+        if self.running.pop(run.sid, None) is run:
+            self.write(P.encode_frame(P.ERROR, run.sid, payload))
+
+    def _open_stream(self, run: _Running) -> None:
+        if self.running.get(run.sid) is run and run.credit is not None:
+            self.credits[run.sid] = run.credit
+            self.write(P.encode_frame(P.RESPONSE, run.sid, b"", P.FLAG_STREAM))
+
+    def _end_stream(self, run: _Running, error: bytes | None) -> None:
+        if self.running.pop(run.sid, None) is run:
+            self.write_end(run.sid, error)
+
+    def _stream_sync(self, run: _Running, gen: Any) -> None:
+        loop = self.loop
+        sid = run.sid
+        run.credit = Credit()
+        loop.call_soon_threadsafe(self._open_stream, run)
+
+        def send(part: bytes, more: bool) -> None:
+            loop.call_soon_threadsafe(self.write_data, sid, part, P.FLAG_MORE if more else 0)
+
+        try:
+            for item in gen:
+                if run.state.cancelled.is_set():
+                    break
+                send_with_credit(run.credit, dumps(item, f"an item of {run.method}"), send)
+            else:
+                loop.call_soon_threadsafe(self._end_stream, run, None)
+                return
+        except CallCancelledError:
+            pass
+        except BaseException as e:
+            if not run.state.cancelled.is_set():
+                loop.call_soon_threadsafe(self._end_stream, run, encode_error(e))
+                return
+        finally:
+            gen.close()
+
+    async def _run_async(self, run: _Running, handler: Handler, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> None:
+        current_b.set(self.b)
+        current_call.set(run.state)
+        try:
+            if handler.is_asyncgen:
+                await self._stream_async(run, handler.fn(*args, **kwargs))
+                return
+            result = await handler.fn(*args, **kwargs)
+            self._respond(run, dumps(result, f"reply of {run.method}"))
+        except asyncio.CancelledError:
+            if not run.state.cancelled.is_set():
+                raise
+        except BaseException as e:
+            self._fail(run, encode_error(e))
+
+    async def _stream_async(self, run: _Running, agen: Any) -> None:
+        run.credit = Credit()
+        self._open_stream(run)
+        sid = run.sid
+
+        def send(part: bytes, more: bool) -> None:
+            self.write_data(sid, part, P.FLAG_MORE if more else 0)
+
+        try:
+            async for item in agen:
+                await asend_with_credit(run.credit, dumps(item, f"an item of {run.method}"),
+                                        send)
+            self._end_stream(run, None)
+        except (asyncio.CancelledError, CallCancelledError):
+            if not run.state.cancelled.is_set():
+                raise
+        except BaseException as e:
+            self._end_stream(run, encode_error(e))
+        finally:
+            await agen.aclose()
+
+
+class Server:
+    """A listening TLS endpoint serving one dispatcher; tracks its live connections."""
+
+    def __init__(self, dispatcher: Dispatcher, executor: Executor, b: Any) -> None:
+        self.dispatcher = dispatcher
+        self.executor = executor
+        self.b = b
+        self.connections: set[ServerConnection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.host = ""
+        self.port = 0
+
+    async def start(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self.dispatcher, self.executor, self.b, self.connections),
+            host, port, ssl=ctx, ssl_handshake_timeout=10.0, backlog=1024,
+        )
+        sock = self._server.sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
+
+    def abort_all(self) -> None:
+        """Close the listener and drop every connection at once (as a crash would)."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.abort(BigmrunError("server killed"))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
