@@ -152,7 +152,7 @@ class B:
             for m in machines
         ]
         loop = _loop.get_loop()
-        for m, spec in zip(machines, specs):
+        for m, spec in zip(machines, specs, strict=True):
             loop.call_soon_threadsafe(self._begin, m, spec, blobs)
         return machines
 

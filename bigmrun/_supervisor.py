@@ -126,8 +126,9 @@ class SupervisorService:
         return {"system": vm, "process": proc}
 
     def disk_info(self, path: str | None = None) -> dict[str, Any]:
-        import psutil
         import tempfile
+
+        import psutil
 
         return {"path": path or tempfile.gettempdir(),
                 "usage": psutil.disk_usage(path or tempfile.gettempdir())._asdict()}
@@ -361,4 +362,4 @@ def serve_forever() -> None:
     os._exit(exit_code[0])
 
 
-__all__ = ["Supervisor", "SerializationError", "Watchdog", "is_machine_process", "serve_forever"]
+__all__ = ["SerializationError", "Supervisor", "Watchdog", "is_machine_process", "serve_forever"]

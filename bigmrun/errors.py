@@ -23,7 +23,6 @@ once, where they enter bigmrun, with the original kept as ``__cause__``.
 
 from __future__ import annotations
 
-import builtins
 import pickle
 import threading
 from typing import Any
@@ -170,26 +169,24 @@ def _remote_subclass(cause_type: type) -> type | None:
 
 
 def _lookup_type(type_name: str) -> type | None:
-    if "." not in type_name:
-        obj = getattr(builtins, type_name, None)
-        return obj if isinstance(obj, type) else None
-    module, _, qual = type_name.rpartition(":") if ":" in type_name else ("", "", "")
-    if not module:
-        return None
-    import importlib
+    """The class named ``module:Qual.Name`` (or a builtin name), if already imported.
+
+    Only modules this process has already imported are consulted: decoding an error
+    never imports code.
+    """
     import sys
 
-    mod = sys.modules.get(module)
-    if mod is None:
-        try:
-            mod = importlib.import_module(module)
-        except Exception:
-            return None
-    obj: Any = mod
+    if ":" in type_name:
+        module, _, qual = type_name.partition(":")
+    elif "." not in type_name:
+        module, qual = "builtins", type_name
+    else:
+        module, _, qual = type_name.rpartition(".")
+    obj: Any = sys.modules.get(module)
     for part in qual.split("."):
-        obj = getattr(obj, part, None)
         if obj is None:
             return None
+        obj = getattr(obj, part, None)
     return obj if isinstance(obj, type) else None
 
 

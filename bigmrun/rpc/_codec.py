@@ -147,8 +147,9 @@ def encode_error(exc: BaseException, kind: str | None = None) -> bytes:
         else:
             kind = KIND_REMOTE
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    pickled_exc: bytes | None
     try:
-        pickled_exc: bytes | None = pickle.dumps(exc, PROTOCOL)
+        pickled_exc = pickle.dumps(exc, PROTOCOL)
         pickle.loads(pickled_exc)  # some exceptions pickle but do not unpickle
     except Exception:
         pickled_exc = None
@@ -157,7 +158,8 @@ def encode_error(exc: BaseException, kind: str | None = None) -> bytes:
         type_name, message = exc.type_name, exc.message
         qualified = None
     else:
-        type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+        type_name = (t.__qualname__ if t.__module__ == "builtins"
+                     else f"{t.__module__}.{t.__qualname__}")
         message = str(exc)
         qualified = f"{t.__module__}:{t.__qualname__}"
     return pickle.dumps(

@@ -32,7 +32,7 @@ CHUNK = 1024 * 1024  # largest DATA payload a sender emits
 class Credit:
     """Send credit for one stream: granted on the loop thread, taken from any thread."""
 
-    __slots__ = ("_available", "_cond", "_closed", "_waiters")
+    __slots__ = ("_available", "_closed", "_cond", "_waiters")
 
     def __init__(self, initial: int = WINDOW) -> None:
         self._available = initial
@@ -225,7 +225,7 @@ class StreamReader(io.RawIOBase):
 
     def readall(self) -> bytes:
         self._check_thread()
-        parts = []
+        parts: list[bytes] = []
         while True:
             chunk = self.read(CHUNK)
             if not chunk:

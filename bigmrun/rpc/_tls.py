@@ -187,8 +187,8 @@ def _load_chain(ctx: ssl.SSLContext, leaf: Leaf) -> None:
 
 
 def _context(purpose: ssl.Purpose, leaf: Leaf) -> ssl.SSLContext:
-    proto = ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
-    ctx = ssl.SSLContext(proto)
+    server = purpose is ssl.Purpose.CLIENT_AUTH
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -215,7 +215,7 @@ def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     if not cert:
         return None
     for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
+        for attr in rdn:
+            if attr[0] == "commonName":
+                return str(attr[1])
     return None
