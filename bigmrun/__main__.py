@@ -1,0 +1,5 @@
+"""``python -m bigmrun``: the same as the ``bigmrun`` command."""
+
+from .cli import main
+
+main()
