@@ -164,7 +164,8 @@ class SSHServer:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"sshd exited: {open(self.log_path).read()[-2000:]}")
+                with open(self.log_path) as f:
+                    raise RuntimeError(f"sshd exited: {f.read()[-2000:]}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=1) as s:
                     if s.recv(64).startswith(b"SSH-"):
