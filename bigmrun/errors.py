@@ -115,7 +115,10 @@ class RemoteError(BigmrunError):
         remote_traceback: str = "",
         machine: str | None = None,
     ) -> None:
-        super().__init__(type_name, message, remote_traceback, machine)
+        # Not super(): in a subclass that also derives from the remote type (see
+        # _remote_subclass) that would call the remote type's own __init__, whose
+        # signature may differ (UnicodeDecodeError needs 5 arguments).
+        Exception.__init__(self, type_name, message, remote_traceback, machine)
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
@@ -205,13 +208,19 @@ def make_remote_error(
             cause = pickle.loads(pickled_exc)
         except Exception:
             cause = None
-    cause_type: type | None = type(cause) if cause is not None else None
+    # A nested call's RemoteError: find the type from its name, not from RemoteError.
+    cause_type: type | None = (
+        type(cause) if cause is not None and not isinstance(cause, RemoteError) else None
+    )
     if cause_type is None and qualified_type:
         cause_type = _lookup_type(qualified_type)
     if cause_type is None:
         cause_type = _lookup_type(type_name)
     cls = _remote_subclass(cause_type) if cause_type is not None else None
-    err: RemoteError = (cls or RemoteError)(type_name, message, remote_traceback, machine)
+    try:
+        err: RemoteError = (cls or RemoteError)(type_name, message, remote_traceback, machine)
+    except Exception:  # the remote type's __new__ refuses these arguments
+        err = RemoteError(type_name, message, remote_traceback, machine)
     if cause is not None:
         err.__cause__ = cause
         if isinstance(cause, OSError) and isinstance(err, OSError):

@@ -183,5 +183,8 @@ def decode_error(payload: bytes, machine: str | None) -> BigmrunError:
         return SerializationError(message)
     if kind == KIND_CANCELLED:
         return CallCancelledError(message)
-    return make_remote_error(d["type"], message, d["traceback"], machine, d["exc"],
-                             d.get("qualified"))
+    try:
+        return make_remote_error(d["type"], message, d["traceback"], machine, d["exc"],
+                                 d.get("qualified"))
+    except Exception:  # never let a strange remote exception break the connection
+        return RemoteError(str(d.get("type")), str(message), str(d.get("traceback")), machine)
