@@ -153,22 +153,32 @@ class B:
         ]
         loop = _loop.get_loop()
         for m, spec in zip(machines, specs, strict=True):
+            # STARTING before they are returned (as documented); no one can wait on
+            # these machines yet, so advancing here, off the loop thread, is safe.
+            m._advance(State.STARTING)
             loop.call_soon_threadsafe(self._begin, m, spec, blobs)
         return machines
 
     def _begin(self, m: Machine, spec: BootSpec, blobs: dict[str, bytes]) -> None:
-        if m._advance(State.STARTING):
+        if m.state == State.STARTING:  # not cancelled meanwhile
             asyncio.get_running_loop().create_task(self._bring_up(m, spec, blobs))
 
     async def _bring_up(self, m: Machine, spec: BootSpec, blobs: dict[str, bytes]) -> None:
         system = self._system
+        # The system enforces start_timeout itself (with a better message: it knows
+        # what the machine printed); this outer bound, a little later, is a backstop.
+        backstop = system.start_timeout + 5.0
         try:
-            handle = await asyncio.wait_for(system.launch(spec, self.output),
-                                            system.start_timeout)
+            handle = await asyncio.wait_for(system.launch(spec, self.output), backstop)
         except Exception as e:
-            err = e if isinstance(e, BigmrunError) else StartError(
-                f"machine {m.name} failed to start on {system.name}: "
-                f"{type(e).__name__}: {e}")
+            if isinstance(e, BigmrunError):
+                err = e
+            elif isinstance(e, asyncio.TimeoutError):
+                err = StartError(f"machine {m.name} did not start on {system.name} "
+                                 f"within {backstop:g}s")
+            else:
+                err = StartError(f"machine {m.name} failed to start on {system.name}: "
+                                 f"{type(e).__name__}: {e}")
             if err is not e:
                 err.__cause__ = e
             m._stop(err)

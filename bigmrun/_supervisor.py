@@ -9,7 +9,9 @@ keepalive timeout) from the boot file descriptor, listens with mutual TLS on por
 reports the address it got on the control descriptor, and serves until
 
 * the driver's keepalives stop for longer than the timeout (:class:`Watchdog`), or
-* the boot descriptor reaches end-of-file: the driver process is gone (local system), or
+* the boot descriptor reaches end-of-file: the driver process is gone (local system;
+  not for a machine whose boot record says ``"detached": true``, which the remote
+  bootstrap starts to outlive its SSH session), or
 * the driver calls ``Supervisor.exit``.
 
 Then the process exits with ``os._exit``: the rest of the user's program (the driver
@@ -330,9 +332,13 @@ def serve_forever() -> None:
 
     def on_exit(code: int, reason: str) -> None:
         exit_code[0] = code
-        if code:
-            print(f"bigmrun: machine {boot['name']} exiting: {reason}", file=sys.stderr)
-        done.set()
+        try:
+            if code:
+                print(f"bigmrun: machine {boot['name']} exiting: {reason}", file=sys.stderr)
+        except Exception:
+            pass  # stderr is a pipe to the driver, which may be gone (BrokenPipeError)
+        finally:
+            done.set()  # exit whatever happens: a machine must never outlive its driver
 
     sup = Supervisor(boot["name"], leaf, float(boot["keepalive_timeout"]), b, on_exit)
     b._attach_supervisor(sup)
@@ -353,7 +359,14 @@ def serve_forever() -> None:
             sup.exit, 4, "the driver process is gone (boot channel closed)"
         )
 
-    threading.Thread(target=watch_driver, name="bigmrun-driver-watch", daemon=True).start()
+    if boot.get("detached"):
+        # Started detached by the remote bootstrap (SSH, EC2): the launcher wrote the
+        # record and exited, so end-of-file here says nothing about the driver. Only
+        # keepalives tell whether it is still there.
+        os.close(boot_fd)
+    else:
+        threading.Thread(target=watch_driver, name="bigmrun-driver-watch",
+                         daemon=True).start()
     done.wait()
     with contextlib.suppress(Exception):
         sys.stdout.flush()

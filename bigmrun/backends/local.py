@@ -54,7 +54,7 @@ class LocalHandle(MachineHandle):
         self._boot_w = boot_w
         self._loop = loop
         self.exited = loop.create_future()
-        self.tail: deque[str] = deque(maxlen=20)  # last stderr lines, for start errors
+        self.tail: deque[str] = deque(maxlen=20)  # last output lines, for start errors
         self._readers = [
             threading.Thread(target=self._read, args=(proc.stdout, "stdout", output),
                              name=f"bigmrun-{name}-stdout", daemon=True),
@@ -69,8 +69,7 @@ class LocalHandle(MachineHandle):
         assert pipe is not None
         with contextlib.suppress(ValueError, OSError):
             for line in iter(pipe.readline, b""):
-                if stream == "stderr":
-                    self.tail.append(line.decode(errors="replace").rstrip("\n"))
+                self.tail.append(line.decode(errors="replace").rstrip("\n"))
                 output.line(self.name, stream, line)
         with contextlib.suppress(OSError):
             pipe.close()
@@ -180,8 +179,10 @@ def _read_report(fd: int, handle: LocalHandle, timeout: float) -> dict[str, Any]
         while not buf.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0:
+                tail = "\n".join(handle.tail) or "(no output)"
                 raise StartError(
-                    f"machine {handle.name} did not report its address within {timeout:g}s"
+                    f"machine {handle.name} did not report its address within {timeout:g}s. "
+                    f"Does the program reach bigmrun.start()? Its last output:\n{tail}"
                 )
             ready, _, _ = select.select([fd], [], [], left)
             if not ready:

@@ -114,6 +114,9 @@ class ClientConnection(BaseConnection):
         super().__init__()
         self.machine = machine
         self.pending: dict[int, PendingCall] = {}
+        # Calls answered by a streamed reply that still stream arguments out: those
+        # stop when the reply stream ends or is cancelled.
+        self.reply_args: dict[int, PendingCall] = {}
         self._on_lost = on_lost
 
     def start_call(self, payload: bytes, call: PendingCall,
@@ -134,7 +137,7 @@ class ClientConnection(BaseConnection):
 
     def cancel_call(self, sid: int) -> None:
         """Give up on a call: tell the machine, stop its streams (loop thread)."""
-        call = self.pending.pop(sid, None)
+        call = self.pending.pop(sid, None) or self.reply_args.pop(sid, None)
         inbox = self.inboxes.pop(sid, None)
         if call is None and inbox is None:
             return
@@ -160,6 +163,8 @@ class ClientConnection(BaseConnection):
             if frame.flags & P.FLAG_STREAM:
                 inbox = ItemInbox(self.credit_sender(sid))
                 self.inboxes[sid] = inbox
+                if call.streams:
+                    self.reply_args[sid] = call
                 loop = self.loop
 
                 def cancel(sid: int = sid) -> None:
@@ -170,6 +175,9 @@ class ClientConnection(BaseConnection):
 
                 call.resolve(True, ReplyStream(inbox, cancel, f"item of {call.method}"))
                 return
+            # The call is over: stop sending whatever of its streamed arguments the
+            # method did not read (the machine dropped them).
+            self._stop_streams(call, CallCancelledError(f"{call.method} returned"))
             try:
                 value = loads(frame.payload, f"reply of {call.method}")
             except SerializationError as e:
@@ -189,9 +197,15 @@ class ClientConnection(BaseConnection):
     def end_error(self, frame: P.Frame) -> BaseException:
         return decode_error(frame.payload, self.machine)
 
+    def stream_ended(self, stream_id: int) -> None:
+        call = self.reply_args.pop(stream_id, None)
+        if call is not None:  # the generator is done: so are the arguments it streamed
+            self._stop_streams(call, CallCancelledError(f"{call.method} is over"))
+
     def lost(self, exc: BaseException) -> None:
         pending = list(self.pending.values())
         self.pending.clear()
+        self.reply_args.clear()  # their credits were closed with the connection
         self._on_lost(self, exc, pending)
 
 

@@ -69,6 +69,7 @@ class BaseConnection(asyncio.Protocol):
                 inbox = self.inboxes.pop(f.stream_id, None)
                 if inbox is not None:
                     inbox.finish(self.end_error(f) if f.flags & P.FLAG_ERROR else None)
+                self.stream_ended(f.stream_id)
             elif t == P.GOAWAY:
                 self.goaway_received()
             else:
@@ -175,6 +176,9 @@ class BaseConnection(asyncio.Protocol):
 
     def goaway_received(self) -> None:
         pass
+
+    def stream_ended(self, stream_id: int) -> None:
+        """An END frame arrived for ``stream_id`` (after its inbox was finished)."""
 
     def lost(self, exc: BaseException) -> None:
         raise NotImplementedError

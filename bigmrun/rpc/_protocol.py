@@ -69,6 +69,8 @@ FLAG_ERROR = 0x02  # END: the stream failed; payload is an encoded error
 FLAG_MORE = 0x04  # DATA of a streamed reply: the item continues in the next DATA frame
 
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: Payloads this large that arrive in pieces are collected as chunks (see FrameDecoder).
+LARGE_FRAME = 64 * 1024
 MAX_STREAM_ID = 2**64 - 1
 
 
@@ -108,6 +110,11 @@ def decode_window(frame: Frame) -> int:
 class FrameDecoder:
     """Incremental decoder: feed it bytes in any split, get whole frames back.
 
+    Small frames are parsed out of one buffer. A frame whose payload is at least
+    ``large_frame`` bytes and did not arrive whole is collected as a list of the chunks
+    that carry it and joined once when its last byte arrives, so a 1 MiB DATA frame
+    that comes in over several reads is copied once, not once per read.
+
     >>> d = FrameDecoder()
     >>> d.receive_data(encode_frame(CANCEL, 7)[:5])
     []
@@ -115,19 +122,28 @@ class FrameDecoder:
     [Frame(CANCEL, flags=0, stream=7, 0B)]
     """
 
-    __slots__ = ("_buf", "_closed", "_dead", "_need", "max_frame_size")
+    __slots__ = ("_buf", "_closed", "_dead", "_large", "_large_head", "_large_left",
+                 "_large_len", "_need", "large_frame", "max_frame_size")
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 large_frame: int = LARGE_FRAME) -> None:
         self.max_frame_size = max_frame_size
+        self.large_frame = large_frame
         self._buf = bytearray()
         self._closed = False  # a GOAWAY was received
         self._dead = False  # a protocol error was raised
         self._need = HEADER_SIZE  # bytes buffered before the next parse is worthwhile
+        # A large frame being collected: its chunks, header, bytes still missing, and
+        # bytes collected so far (header included).
+        self._large: list[bytes] | None = None
+        self._large_head: tuple[int, int, int] = (0, 0, 0)
+        self._large_left = 0
+        self._large_len = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf)
+        return len(self._buf) + self._large_len
 
     def receive_data(self, data: bytes) -> list[Frame]:
         """Consume ``data``; return every frame it completes, in order.
@@ -136,11 +152,30 @@ class FrameDecoder:
         """
         if self._dead:
             raise ProtocolError("connection already failed with a protocol error")
+        frames: list[Frame] = []
+        large = self._large
+        if large is not None:  # the rest of a large frame's payload comes first
+            left = self._large_left
+            n = len(data)
+            if n < left:
+                large.append(bytes(data))
+                self._large_left = left - n
+                self._large_len += n
+                return frames
+            large.append(bytes(data[:left]))
+            ftype, flags, sid = self._large_head
+            self._large = None
+            self._large_len = 0
+            frames.append(Frame(ftype, flags, sid, b"".join(large)))
+            if ftype == GOAWAY:
+                self._closed = True
+            if n == left:
+                return frames
+            data = data[left:]
         buf = self._buf
         buf += data
         if len(buf) < self._need:
-            return []
-        frames: list[Frame] = []
+            return frames
         off = 0
         end = len(buf)
         unpack = HEADER.unpack_from
@@ -158,7 +193,15 @@ class FrameDecoder:
                 self._fail(f"WINDOW frame with a {length}-byte payload (expected 4)")
             total = HEADER_SIZE + length
             if end - off < total:
-                need = total
+                if length >= self.large_frame:
+                    # Collect the rest as chunks: buffer what came, then wait.
+                    self._large = [bytes(buf[off + HEADER_SIZE : end])]
+                    self._large_head = (ftype, flags, sid)
+                    self._large_left = total - (end - off)
+                    self._large_len = end - off
+                    off = end
+                else:
+                    need = total
                 break
             frames.append(Frame(ftype, flags, sid, bytes(buf[off + HEADER_SIZE : off + total])))
             off += total
@@ -172,4 +215,6 @@ class FrameDecoder:
     def _fail(self, message: str) -> None:
         self._dead = True
         self._buf = bytearray()
+        self._large = None
+        self._large_len = 0
         raise ProtocolError(message)

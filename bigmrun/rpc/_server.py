@@ -53,14 +53,15 @@ class Dispatcher:
 
 
 class _Running:
-    __slots__ = ("credit", "method", "sid", "state", "task")
+    __slots__ = ("credit", "method", "sid", "state", "streams", "task")
 
-    def __init__(self, sid: int, method: str) -> None:
+    def __init__(self, sid: int, method: str, streams: list[int] | None = None) -> None:
         self.sid = sid
         self.method = method
         self.state = CallState(method)
         self.task: asyncio.Task[Any] | None = None
         self.credit: Credit | None = None
+        self.streams = streams or []  # ids of its streamed arguments
 
     def cancel(self) -> None:
         self.state.cancelled.set()
@@ -99,6 +100,7 @@ class ServerConnection(BaseConnection):
             run = self.running.pop(frame.stream_id, None)
             if run is not None:
                 run.cancel()
+                self._close_arg_streams(run)
             inbox = self.inboxes.pop(frame.stream_id, None)
             if inbox is not None:
                 inbox.finish(CallCancelledError("stream was cancelled"))
@@ -123,26 +125,28 @@ class ServerConnection(BaseConnection):
     def _request(self, frame: P.Frame) -> None:
         sid = frame.stream_id
         method = "?"
+        streams: list[int] = []
         try:
             method, off = decode_method(frame.payload)
             handler = self.dispatcher.lookup(method)
             args, kwargs, meta = decode_request_body(frame.payload, off, method)
             if meta and meta.get("streams"):
-                args, kwargs = self._attach_streams(args, kwargs)
+                args, kwargs = self._attach_streams(args, kwargs, streams)
         except Exception as e:
             self.write(P.encode_frame(P.ERROR, sid, encode_error(e)))
             return
-        run = _Running(sid, method)
+        run = _Running(sid, method, streams)
         self.running[sid] = run
         if handler.is_async or handler.is_asyncgen:
             run.task = self.loop.create_task(self._run_async(run, handler, args, kwargs))
         else:
             self.executor.submit(self._run_sync, run, handler.fn, args, kwargs)
 
-    def _attach_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
-            tuple[Any, ...], dict[str, Any]]:
+    def _attach_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        ids: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         def attach(v: Any) -> Any:
             if isinstance(v, StreamRef):
+                ids.append(v.stream_id)
                 inbox = Inbox(self.credit_sender(v.stream_id))
                 self.inboxes[v.stream_id] = inbox
                 return StreamReader(inbox, self._loop_thread)
@@ -176,12 +180,22 @@ class ServerConnection(BaseConnection):
         except RuntimeError:  # loop closed: the machine is exiting
             pass
 
+    def _close_arg_streams(self, run: _Running) -> None:
+        """The call is over: drop what is left of its streamed arguments (the client
+        stops sending them when it sees the call end)."""
+        for ssid in run.streams:
+            inbox = self.inboxes.pop(ssid, None)
+            if inbox is not None:
+                inbox.finish(CallCancelledError(f"{run.method} is over: stream closed"))
+
     def _respond(self, run: _Running, payload: bytes) -> None:
         if self.running.pop(run.sid, None) is run:
+            self._close_arg_streams(run)
             self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
 
     def _fail(self, run: _Running, payload: bytes) -> None:
         if self.running.pop(run.sid, None) is run:
+            self._close_arg_streams(run)
             self.write(P.encode_frame(P.ERROR, run.sid, payload))
 
     def _open_stream(self, run: _Running) -> None:
@@ -191,6 +205,7 @@ class ServerConnection(BaseConnection):
 
     def _end_stream(self, run: _Running, error: bytes | None) -> None:
         if self.running.pop(run.sid, None) is run:
+            self._close_arg_streams(run)
             self.write_end(run.sid, error)
 
     def _stream_sync(self, run: _Running, gen: Any) -> None:

@@ -297,7 +297,8 @@ def send_with_credit(
     off = 0
     while True:
         n = credit.take(min(chunk, total - off)) if total - off else 0
-        part = bytes(view[off : off + n])
+        # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
+        part = data if n == total and type(data) is bytes else bytes(view[off : off + n])
         off += n
         send(part, off < total)
         if off >= total:
@@ -313,7 +314,8 @@ async def asend_with_credit(
     off = 0
     while True:
         n = await credit.atake(min(chunk, total - off)) if total - off else 0
-        part = bytes(view[off : off + n])
+        # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
+        part = data if n == total and type(data) is bytes else bytes(view[off : off + n])
         off += n
         send(part, off < total)
         if off >= total:
