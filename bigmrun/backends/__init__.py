@@ -24,10 +24,14 @@ def get_system(system: str | System | None = None, **options: Any) -> System:
         from .test import TestSystem
 
         return TestSystem(**options)
-    if name in ("ssh", "ec2"):
+    if name == "ssh":
+        from .ssh import SSHSystem
+
+        return SSHSystem(**options)
+    if name == "ec2":
         raise ConfigError(
-            f"the {name!r} system is not available in this version of bigmrun; "
-            f"use 'local' or 'test'"
+            "the 'ec2' system is not available in this version of bigmrun; "
+            "use 'local', 'test' or 'ssh'"
         )
     raise ConfigError(
         f"unknown system {name!r}: choose one of {', '.join(SYSTEM_NAMES)} "
