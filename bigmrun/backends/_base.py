@@ -43,6 +43,20 @@ class BootSpec:
         }
 
 
+def default_keepalive_timeout() -> float:
+    """``$BIGMRUN_KEEPALIVE_TIMEOUT`` (set by the launcher's --keepalive-timeout), or 10 s."""
+    import os
+
+    raw = os.environ.get("BIGMRUN_KEEPALIVE_TIMEOUT")
+    try:
+        return float(raw) if raw else 10.0
+    except ValueError:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"BIGMRUN_KEEPALIVE_TIMEOUT={raw!r} is not a number of seconds") \
+            from None
+
+
 class OutputSink(Protocol):
     """Where a system delivers each line a machine writes to stdout or stderr."""
 

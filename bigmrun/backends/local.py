@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from ..bootstrap.program import Program, current_program
 from ..errors import MachineLostError, StartError
-from ._base import BootSpec, MachineHandle, OutputSink, System
+from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 
 
 def describe_exit(name: str, returncode: int) -> str:
@@ -107,9 +107,9 @@ class LocalSystem(System):
 
     name = "local"
 
-    def __init__(self, keepalive_timeout: float = 10.0, keepalive_interval: float = 1.0,
+    def __init__(self, keepalive_timeout: float | None = None, keepalive_interval: float = 1.0,
                  start_timeout: float = 60.0, program: Program | None = None) -> None:
-        self.keepalive_timeout = keepalive_timeout
+        self.keepalive_timeout = keepalive_timeout or default_keepalive_timeout()
         self.keepalive_interval = keepalive_interval
         self.start_timeout = start_timeout
         self._program = program

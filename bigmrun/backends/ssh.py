@@ -37,7 +37,7 @@ from ..bootstrap import remote
 from ..bootstrap.package import Package, build_for, split_program
 from ..bootstrap.program import Program, current_program
 from ..errors import ConfigError, MachineLostError, StartError
-from ._base import BootSpec, MachineHandle, OutputSink, System
+from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 from ._sshconn import HostSpec, SSHHost, parse_hosts
 
 
@@ -170,8 +170,7 @@ class SSHSystem(System):
                            else _env_bool("BIGMRUN_ACCEPT_NEW_HOST_KEYS"))
         self.ssh_config = ssh_config
         self.remote_cache = remote_cache or env.get("BIGMRUN_REMOTE_CACHE") or None
-        self.keepalive_timeout = float(keepalive_timeout or env.get("BIGMRUN_KEEPALIVE_TIMEOUT")
-                                       or 10.0)
+        self.keepalive_timeout = keepalive_timeout or default_keepalive_timeout()
         self.keepalive_interval = keepalive_interval
         self.start_timeout = start_timeout
         self._program = program

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from ..errors import ConfigError, MachineLostError
-from ._base import BootSpec, MachineHandle, OutputSink, System
+from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 
 
 class TestHandle(MachineHandle):
@@ -47,9 +47,9 @@ class TestSystem(System):
     __test__ = False  # not a pytest test class
     name = "test"
 
-    def __init__(self, keepalive_timeout: float = 10.0, keepalive_interval: float = 1.0,
+    def __init__(self, keepalive_timeout: float | None = None, keepalive_interval: float = 1.0,
                  start_timeout: float = 30.0) -> None:
-        self.keepalive_timeout = keepalive_timeout
+        self.keepalive_timeout = keepalive_timeout or default_keepalive_timeout()
         self.keepalive_interval = keepalive_interval
         self.start_timeout = start_timeout
         self._handles: dict[str, TestHandle] = {}
