@@ -75,12 +75,34 @@ class B:
         self.output = output or Output()
         self.started_at = time.time()
         self._supervisor: Any = None
+        from .vars import Registry, default_registry
+
+        #: This participant's cluster variables (see ``bigmrun.vars``).
+        self.vars: Registry = default_registry() if is_driver else Registry()
+        self.debug: Any = None
         if is_driver:
             _live_sessions.add(self)
+            self._start_debug_server()
 
     def __repr__(self) -> str:
         role = "driver" if self._is_driver else f"machine {self.name}"
         return f"<bigmrun.B {role} session={self.session_id} system={self._system.name}>"
+
+    def _start_debug_server(self) -> None:
+        if os.environ.get("BIGMRUN_DEBUG_SERVER", "1") in ("0", "false", "no"):
+            return
+        from .debug import sessions
+        from .debug.server import DebugServer
+
+        self.output.log_dir = os.path.join(sessions.state_dir(), "logs", self.session_id)
+        try:
+            self.debug = DebugServer(self)
+            self.debug.start()
+        except OSError as e:  # e.g. no loopback: run without it rather than fail
+            import logging
+
+            logging.getLogger("bigmrun").warning("debug server not started: %s", e)
+            self.debug = None
 
     # --- properties -------------------------------------------------------------------
 
@@ -264,6 +286,9 @@ class B:
             if not m.owned:
                 m._stop(None)
         await self._system.shutdown()
+        if self.debug is not None:
+            self.debug.stop()
+        self.output.close()
 
     def __enter__(self) -> B:
         return self

@@ -140,6 +140,11 @@ class SupervisorService:
         return {"load1": one, "load5": five, "load15": fifteen,
                 "cpus": _machine_info()["maxprocs"]}
 
+    def stats(self) -> dict[str, Any]:
+        """One sample for the driver's monitor: CPU, memory, disk, network, load, the
+        cluster variables and per-method RPC statistics of this machine."""
+        return self._sup.stats()
+
     async def exit(self, code: int = 0) -> None:
         """Exit the machine shortly after replying."""
         asyncio.get_running_loop().call_later(0.05, self._sup.exit, code,
@@ -169,6 +174,7 @@ class Supervisor(Dispatcher):
         self._on_exit = on_exit
         self._exited = False
         self.server = Server(self, self.executor, b)
+        self._proc: Any = None
         self._watch_task: asyncio.Task[None] | None = None
 
     # Dispatcher
@@ -201,6 +207,40 @@ class Supervisor(Dispatcher):
         h = Handler.of(_checked(getattr(svc, meth), method))
         self._handlers[method] = h
         return h
+
+    def stats(self) -> dict[str, Any]:
+        import tempfile
+
+        import psutil
+
+        if self._proc is None:
+            self._proc = psutil.Process()
+            self._proc.cpu_percent(None)  # the first reading is always 0: prime it
+        proc = self._proc
+        with proc.oneshot():
+            cpu = proc.cpu_percent(None)
+            mem = proc.memory_info()
+            threads = proc.num_threads()
+        vm = psutil.virtual_memory()
+        try:
+            disk = psutil.disk_usage(tempfile.gettempdir())
+            disk_used, disk_total = disk.used, disk.total
+        except OSError:
+            disk_used = disk_total = 0
+        net = psutil.net_io_counters()
+        load1, load5, load15 = os.getloadavg()
+        from .vars import Registry
+
+        reg = getattr(self.b, "vars", None)
+        return {
+            "cpu_percent": cpu, "rss": mem.rss, "threads": threads,
+            "mem_total": vm.total, "mem_available": vm.available, "mem_percent": vm.percent,
+            "disk_used": disk_used, "disk_total": disk_total,
+            "net_sent": net.bytes_sent if net else 0, "net_recv": net.bytes_recv if net else 0,
+            "load1": load1, "load5": load5, "load15": load15,
+            "vars": reg.snapshot() if isinstance(reg, Registry) else {},
+            "rpc": self.server.stats.snapshot(),
+        }
 
     def install(self, blobs: dict[str, bytes]) -> list[str]:
         from ._context import current_b

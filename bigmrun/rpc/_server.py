@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ssl
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from ._codec import (
     encode_error,
 )
 from ._connection import BaseConnection
+from ._stats import RpcStats
 from ._streams import Credit, Inbox, StreamReader, asend_with_credit, send_with_credit
 
 
@@ -53,9 +55,10 @@ class Dispatcher:
 
 
 class _Running:
-    __slots__ = ("credit", "method", "sid", "state", "streams", "task")
+    __slots__ = ("credit", "method", "sid", "state", "streams", "t0", "task")
 
     def __init__(self, sid: int, method: str, streams: list[int] | None = None) -> None:
+        self.t0 = time.monotonic()
         self.sid = sid
         self.method = method
         self.state = CallState(method)
@@ -75,8 +78,10 @@ class ServerConnection(BaseConnection):
     """Serves calls from one authenticated peer."""
 
     def __init__(self, dispatcher: Dispatcher, executor: Executor, b: Any,
-                 connections: set[ServerConnection] | None = None) -> None:
+                 connections: set[ServerConnection] | None = None,
+                 stats: RpcStats | None = None) -> None:
         super().__init__()
+        self.stats = stats
         self.dispatcher = dispatcher
         self.executor = executor
         self.b = b
@@ -137,6 +142,8 @@ class ServerConnection(BaseConnection):
             return
         run = _Running(sid, method, streams)
         self.running[sid] = run
+        if self.stats is not None:
+            self.stats.started(method, len(frame.payload))
         if handler.is_async or handler.is_asyncgen:
             run.task = self.loop.create_task(self._run_async(run, handler, args, kwargs))
         else:
@@ -188,13 +195,19 @@ class ServerConnection(BaseConnection):
             if inbox is not None:
                 inbox.finish(CallCancelledError(f"{run.method} is over: stream closed"))
 
+    def _record(self, run: _Running, ok: bool, nbytes: int) -> None:
+        if self.stats is not None:
+            self.stats.finished(run.method, ok, nbytes, time.monotonic() - run.t0)
+
     def _respond(self, run: _Running, payload: bytes) -> None:
         if self.running.pop(run.sid, None) is run:
+            self._record(run, True, len(payload))
             self._close_arg_streams(run)
             self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
 
     def _fail(self, run: _Running, payload: bytes) -> None:
         if self.running.pop(run.sid, None) is run:
+            self._record(run, False, len(payload))
             self._close_arg_streams(run)
             self.write(P.encode_frame(P.ERROR, run.sid, payload))
 
@@ -205,6 +218,7 @@ class ServerConnection(BaseConnection):
 
     def _end_stream(self, run: _Running, error: bytes | None) -> None:
         if self.running.pop(run.sid, None) is run:
+            self._record(run, error is None, 0)
             self._close_arg_streams(run)
             self.write_end(run.sid, error)
 
@@ -280,6 +294,7 @@ class Server:
         self.executor = executor
         self.b = b
         self.connections: set[ServerConnection] = set()
+        self.stats = RpcStats()
         self._server: asyncio.base_events.Server | None = None
         self.host = ""
         self.port = 0
@@ -287,7 +302,8 @@ class Server:
     async def start(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ServerConnection(self.dispatcher, self.executor, self.b, self.connections),
+            lambda: ServerConnection(self.dispatcher, self.executor, self.b, self.connections,
+                                     self.stats),
             host, port, ssl=ctx, ssl_handshake_timeout=10.0, backlog=1024,
         )
         sock = self._server.sockets[0]
