@@ -30,6 +30,7 @@ from typing import IO, Any
 from ..bootstrap.program import Program, current_program
 from ..errors import MachineLostError, StartError
 from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
+from ._oom import oom_kill_count, was_oom_killed
 
 
 def describe_exit(name: str, returncode: int) -> str:
@@ -54,7 +55,9 @@ class LocalHandle(MachineHandle):
         self._boot_w = boot_w
         self._loop = loop
         self.exited = loop.create_future()
-        self.tail: deque[str] = deque(maxlen=20)  # last output lines, for start errors
+        self.tail: deque[str] = deque(maxlen=20)
+        self.killed = False  # by us: not an OOM kill
+        self.oom_baseline = oom_kill_count(proc.pid)  # last output lines, for start errors
         self._readers = [
             threading.Thread(target=self._read, args=(proc.stdout, "stdout", output),
                              name=f"bigmrun-{name}-stdout", daemon=True),
@@ -81,12 +84,21 @@ class LocalHandle(MachineHandle):
             t.join(timeout=2.0)
         with contextlib.suppress(OSError):
             os.close(self._boot_w)
-        err = MachineLostError(describe_exit(self.name, code), machine=self.name)
+        oom = (code == -signal.SIGKILL and not self.killed
+               and was_oom_killed(self.proc.pid, self.oom_baseline))
+        if oom:
+            message = (f"machine {self.name} was killed by the kernel's OOM killer: it ran "
+                       f"out of memory (SIGKILL). Give it more memory or make it use less.")
+        else:
+            message = describe_exit(self.name, code)
+        err = MachineLostError(message, machine=self.name)
         err.exit_status = code  # type: ignore[attr-defined]
+        err.oom = oom  # type: ignore[attr-defined]
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_resolve, self.exited, err)
 
     async def kill(self, timeout: float = 5.0) -> None:
+        self.killed = True
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()

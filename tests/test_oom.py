@@ -1,0 +1,70 @@
+"""A machine killed by the kernel's OOM killer is reported as such (local system).
+
+Real OOM kill: the machine moves itself into a child memory cgroup with a small limit
+and allocates past it. Needs root and a writable memory cgroup (v1 or v2).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from services_oom import Hog
+
+import bigmrun
+from bigmrun.backends._oom import _memory_cgroup_dir
+
+
+def _child_cgroup() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a memory cgroup")
+    parent = _memory_cgroup_dir(os.getpid())
+    if parent is None or not os.access(parent, os.W_OK):
+        pytest.skip("no writable memory cgroup here")
+    d = os.path.join(parent, f"bigmrun-oom-{uuid.uuid4().hex[:8]}")
+    try:
+        os.mkdir(d)
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup: {e}")
+    return d
+
+
+@pytest.mark.timeout(120)
+def test_oom_killed_machine_is_stopped_with_an_error_that_says_so():
+    cg = _child_cgroup()
+    try:
+        with bigmrun.start("local", keepalive_timeout=10) as b:
+            m, other = b.start(2, services={"H": Hog()})
+            with pytest.raises(bigmrun.MachineLostError) as info:
+                m.call("H.eat", cg, 96 * 2**20, timeout=60)
+            assert m.wait(bigmrun.State.STOPPED, 10) == bigmrun.State.STOPPED
+            assert "OOM killer" in str(m.err) and "out of memory" in str(m.err)
+            assert getattr(m.err, "oom", False) is True
+            assert "OOM killer" in str(info.value)
+            # The rest of the cluster is unaffected.
+            assert other.call("Supervisor.ping") == "m1"
+            # A machine the driver kills itself is not called an OOM kill.
+            other.cancel()
+            other.wait(bigmrun.State.STOPPED, 10)
+    finally:
+        for _ in range(50):
+            try:
+                os.rmdir(cg)
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+
+
+def test_plain_sigkill_is_not_reported_as_oom(tmp_path):
+    import signal
+
+    with bigmrun.start("local", keepalive_timeout=10) as b:
+        m, = b.start(1, services={"H": Hog()})
+        m.wait()
+        os.kill(m.handle.proc.pid, signal.SIGKILL)
+        assert m.wait(bigmrun.State.STOPPED, 10) == bigmrun.State.STOPPED
+        assert "SIGKILL" in str(m.err) and "OOM" not in str(m.err)
+        assert getattr(m.err, "oom", None) is False
