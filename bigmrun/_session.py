@@ -29,6 +29,7 @@ from typing import Any
 from . import _loop
 from ._machine import Machine, State
 from ._output import Output
+from ._progress import Progress
 from .backends import System, get_system
 from .backends._base import BootSpec
 from .errors import BigmrunError, ConfigError, StartError
@@ -80,6 +81,8 @@ class B:
         #: This participant's cluster variables (see ``bigmrun.vars``).
         self.vars: Registry = default_registry() if is_driver else Registry()
         self.debug: Any = None
+        self.progress = Progress(None if is_driver else False)
+        self._system.progress = self.progress
         if is_driver:
             _live_sessions.add(self)
             self._start_debug_server()
@@ -181,9 +184,27 @@ class B:
             loop.call_soon_threadsafe(self._begin, m, spec, blobs)
         return machines
 
+    def _progress_update(self, m: Machine) -> None:
+        if not self.progress.on:
+            return
+        if m.state == State.RUNNING:
+            self.progress.machine(m.name, "RUNNING", f"at {m.addr}")
+        elif m.state == State.STOPPED:
+            self.progress.machine(m.name, "STOPPED", f"({m.err})" if m.err else "")
+        if all(x.state >= State.RUNNING for x in self.machines() if x.owned):
+            self.progress.done()
+
     def _begin(self, m: Machine, spec: BootSpec, blobs: dict[str, bytes]) -> None:
+        self.progress.machine(m.name, "STARTING")
         if m.state == State.STARTING:  # not cancelled meanwhile
-            asyncio.get_running_loop().create_task(self._bring_up(m, spec, blobs))
+            asyncio.get_running_loop().create_task(self._bring_up_reported(m, spec, blobs))
+
+    async def _bring_up_reported(self, m: Machine, spec: BootSpec,
+                                 blobs: dict[str, bytes]) -> None:
+        try:
+            await self._bring_up(m, spec, blobs)
+        finally:
+            self._progress_update(m)
 
     async def _bring_up(self, m: Machine, spec: BootSpec, blobs: dict[str, bytes]) -> None:
         system = self._system
@@ -264,7 +285,7 @@ class B:
             return
         _live_sessions.discard(self)
         try:
-            _loop.run(self._ashutdown(machines), timeout + 5)
+            _loop.run(self._ashutdown(machines), timeout + 5 + self._system.shutdown_timeout)
         except Exception:
             pass
 

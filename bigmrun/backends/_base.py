@@ -93,6 +93,11 @@ class System(abc.ABC):
     keepalive_interval: float = 1.0
     #: Time allowed for one machine to start and report its address (seconds).
     start_timeout: float = 60.0
+    #: Where to report start-up progress (set by the session; see ``_progress``).
+    progress: Any = None
+    #: Extra time ``B.shutdown`` allows :meth:`shutdown` (seconds): EC2 waits there for
+    #: its instances to terminate before deleting their security group.
+    shutdown_timeout: float = 0.0
 
     @abc.abstractmethod
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
