@@ -14,6 +14,12 @@ reports the address it got on the control descriptor, and serves until
   bootstrap starts to outlive its SSH session), or
 * the driver calls ``Supervisor.exit``.
 
+When the keepalives stopped (exit status :data:`EXIT_KEEPALIVE_LOST`) and the boot
+record's system settings name an ``on_keepalive_loss`` command (an argv list), the
+machine runs it just before exiting: the EC2 system sets ``sudo -n poweroff`` there, so
+an instance whose driver vanished powers off (and, with shutdown behaviour
+"terminate", is gone) instead of running up a bill.
+
 Then the process exits with ``os._exit``: the rest of the user's program (the driver
 part) never runs on a machine. The in-process test system runs the same
 :class:`Supervisor` without a process of its own.
@@ -44,6 +50,8 @@ from .rpc._tls import Leaf, server_context
 
 #: Worker threads serving regular (``def``) method calls on one machine.
 DEFAULT_CALL_THREADS = 256
+#: A machine's exit status when it heard no keepalive for longer than its timeout.
+EXIT_KEEPALIVE_LOST = 3
 
 
 class Watchdog:
@@ -144,6 +152,16 @@ class SupervisorService:
         """One sample for the driver's monitor: CPU, memory, disk, network, load, the
         cluster variables and per-method RPC statistics of this machine."""
         return self._sup.stats()
+
+    def profile(self, seconds: float, native: bool = False, idle: bool = False,
+                rate: int = 100, nonblocking: bool = False,
+                lines: bool = False) -> dict[str, Any]:
+        """Profile this machine's process with py-spy for ``seconds``: its collapsed
+        stacks and sample count (see :mod:`bigmrun.profiling.capture`)."""
+        from .profiling.capture import profile_self
+
+        return profile_self(seconds, rate=rate, native=native, idle=idle,
+                            nonblocking=nonblocking, lines=lines)
 
     async def exit(self, code: int = 0) -> None:
         """Exit the machine shortly after replying."""
@@ -271,7 +289,7 @@ class Supervisor(Dispatcher):
             await asyncio.sleep(min(0.5, self.watchdog.timeout / 4))
             if self.watchdog.expired():
                 self.exit(
-                    3,
+                    EXIT_KEEPALIVE_LOST,
                     f"no keepalive from the driver for {self.watchdog.silent_for():.1f}s "
                     f"(timeout {self.watchdog.timeout:g}s): the driver is gone or cut off",
                 )
@@ -408,11 +426,32 @@ def serve_forever() -> None:
         threading.Thread(target=watch_driver, name="bigmrun-driver-watch",
                          daemon=True).start()
     done.wait()
+    loss_command = (boot.get("system") or {}).get("on_keepalive_loss")
+    if exit_code[0] == EXIT_KEEPALIVE_LOST and loss_command:
+        _run_on_keepalive_loss(boot["name"], loss_command)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     with contextlib.suppress(Exception):
         sys.stderr.flush()
     os._exit(exit_code[0])
+
+
+def _run_on_keepalive_loss(name: str, command: list[str]) -> None:
+    """Run the system's ``on_keepalive_loss`` command (bounded: 60 s), reporting failures."""
+    import shlex
+    import subprocess
+
+    try:
+        print(f"bigmrun: machine {name}: running on_keepalive_loss: {shlex.join(command)}",
+              file=sys.stderr, flush=True)
+        status = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=60).returncode
+        if status:
+            print(f"bigmrun: machine {name}: on_keepalive_loss exited with status {status}",
+                  file=sys.stderr, flush=True)
+    except Exception as e:  # the machine exits regardless
+        with contextlib.suppress(Exception):
+            print(f"bigmrun: machine {name}: on_keepalive_loss failed: {e}", file=sys.stderr,
+                  flush=True)
 
 
 __all__ = ["SerializationError", "Supervisor", "Watchdog", "is_machine_process", "serve_forever"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -60,14 +60,56 @@ SYSTEM_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("procs-per-host", "BIGMRUN_PROCS_PER_HOST", click.IntRange(min=1),
      "ssh: machines per host [default: the host's CPU count]."),
     ("ssh-key", "BIGMRUN_SSH_KEY", click.Path(dir_okay=False),
-     "ssh/ec2: private key file [default: SSH agent, ~/.ssh/config, ~/.ssh/id_*]."),
+     "ssh/ec2: private key file (ec2: of --key-name's key pair) [default: SSH agent, "
+     "~/.ssh/config, ~/.ssh/id_*]."),
     ("known-hosts", "BIGMRUN_SSH_KNOWN_HOSTS", click.Path(dir_okay=False),
-     "ssh: known_hosts file to verify host keys against [default: ~/.ssh/known_hosts]."),
+     "ssh/ec2: known_hosts file to verify host keys against [default: ~/.ssh/known_hosts; "
+     "ec2: each new instance's key is recorded on first use, for the session only]."),
     ("accept-new-host-keys", "BIGMRUN_ACCEPT_NEW_HOST_KEYS", bool,
      "ssh: record unknown host keys on first use (like OpenSSH accept-new); a changed "
      "key is always refused."),
     ("python", "BIGMRUN_SSH_PYTHON", str,
      "ssh/ec2: Python interpreter on the hosts [default: python3]."),
+    # EC2 (see bigmrun/backends/ec2.py); boto3's credential chain applies (AWS_PROFILE...).
+    ("region", "BIGMRUN_EC2_REGION", str,
+     "ec2: AWS region [default: boto3's: AWS_REGION, AWS_DEFAULT_REGION, ~/.aws/config]."),
+    ("instance-type", "BIGMRUN_EC2_INSTANCE_TYPE", str,
+     "ec2: instance type [default: m7i.large; m7g.large on an arm64 driver]."),
+    ("ami", "BIGMRUN_EC2_AMI", str,
+     "ec2: image id [default: the newest Debian/Ubuntu image whose python3 matches the "
+     "driver's: 3.10 Ubuntu 22.04, 3.11 Debian 12, 3.12 Ubuntu 24.04, 3.13 Debian 13]."),
+    ("ssh-user", "BIGMRUN_EC2_SSH_USER", str,
+     "ec2: SSH login user [default: the image's: admin (Debian), ubuntu, ec2-user...]."),
+    ("spot", "BIGMRUN_EC2_SPOT", bool,
+     "ec2: use spot instances, falling back to on-demand where spot capacity is missing."),
+    ("key-name", "BIGMRUN_EC2_KEY_NAME", str,
+     "ec2: an existing key pair (its private key: --ssh-key or the SSH agent) [default: a "
+     "key pair made for the session, deleted at its end]."),
+    ("security-group", "BIGMRUN_EC2_SECURITY_GROUP", str,
+     "ec2: an existing security group (id or name) admitting SSH and the RPC port "
+     "[default: one made for the session, open only to the driver and itself]."),
+    ("subnet", "BIGMRUN_EC2_SUBNET", str, "ec2: subnet id [default: the default VPC's]."),
+    ("instance-profile", "BIGMRUN_EC2_INSTANCE_PROFILE", str,
+     "ec2: IAM instance profile (name or ARN) for the instances."),
+    ("disk-size", "BIGMRUN_EC2_DISK_SIZE", click.IntRange(min=1),
+     "ec2: root volume size in GiB (gp3) [default: the image's]."),
+    ("tags", "BIGMRUN_EC2_TAGS", str,
+     "ec2: extra tags for instances and volumes, e.g. 'team=ml,cost-center=42'."),
+    ("ec2-endpoint", "BIGMRUN_EC2_ENDPOINT", str,
+     "ec2: EC2 endpoint URL, e.g. an emulator's (moto) [default: AWS's]."),
+    ("ec2-private-ips", "BIGMRUN_EC2_PRIVATE_IPS", str,
+     "ec2: private IP of each machine's instance, in start order (needs --subnet)."),
+    ("ec2-driver-cidr", "BIGMRUN_EC2_DRIVER_CIDR", str,
+     "ec2: the driver's address range that the session's security group admits "
+     "[default: learnt: the local address routing to a private IP, or the public address "
+     "from checkip.amazonaws.com]."),
+    ("ec2-rpc-port", "BIGMRUN_EC2_RPC_PORT", click.IntRange(1, 65535),
+     "ec2: TCP port machines serve RPC on [default: 7707]."),
+    ("ec2-boot-timeout", "BIGMRUN_EC2_BOOT_TIMEOUT", click.FloatRange(min=1),
+     "ec2: seconds for an instance to run and answer SSH [default: 300]."),
+    ("ec2-poweroff-command", "BIGMRUN_EC2_POWEROFF_COMMAND", str,
+     "ec2: shell command a machine runs when the driver's keepalives stop, 'none' for "
+     "nothing [default: sudo -n poweroff; instances terminate on shutdown]."),
 ]
 
 
@@ -137,7 +179,9 @@ def main(ctx: click.Context, system: str, nmach: int, **system_opts: Any) -> Non
       bigmrun examples/bigpi.py -n 1e7 --nmach 2      # local processes
       bigmrun --system test examples/bigpi.py          # machines inside this process
       bigmrun --system ssh --hosts me@h1,me@h2 --nmach 4 examples/bigpi.py
+      bigmrun --system ec2 --nmach 5 --spot examples/bigpi.py   # EC2 instances
       bigmrun -m mypkg.job --flag value                # a module, like python -m
+      bigmrun ps --system ec2; bigmrun down            # list / remove EC2 leftovers
 
     Everything after PROGRAM.py (or -m MODULE) is passed to the program untouched.
     Options may also come from environment variables (shown below) and from the config
@@ -155,6 +199,9 @@ def main(ctx: click.Context, system: str, nmach: int, **system_opts: Any) -> Non
         if value is None or value is False:
             continue
         env[envvar] = "1" if value is True else str(value)
+    if system == "ssh" and not env.get("BIGMRUN_SSH_HOSTS") and ctx.invoked_subcommand == "run":
+        raise click.UsageError("--system ssh needs hosts: --hosts user@h1,h2:2222 (or "
+                               "$BIGMRUN_SSH_HOSTS, or hosts = [...] in the config file)")
     ctx.obj["env"] = env
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
@@ -169,6 +216,7 @@ def main(ctx: click.Context, system: str, nmach: int, **system_opts: Any) -> Non
 def run(ctx: click.Context, module: str | None, program_args: tuple[str, ...]) -> None:
     """Run PROGRAM.py [ARGS...] (or -m MODULE [ARGS...]) as the driver."""
     os.environ.update((ctx.obj or {}).get("env", {}))
+    os.environ.setdefault("BIGMRUN_LAUNCHER", "1")  # progress lines while machines start
     args = list(program_args)
     if module is None:
         if not args:
@@ -183,6 +231,109 @@ def run(ctx: click.Context, module: str | None, program_args: tuple[str, ...]) -
         sys.argv = [module, *args]
         sys.path.insert(0, os.getcwd())
         _run(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
+
+
+def _aws_options(f: Any) -> Any:
+    """--region and --ec2-endpoint for ps and down (also taken from the launcher's own)."""
+    f = click.option("--ec2-endpoint", "endpoint", default=None, metavar="URL",
+                     help="EC2 endpoint URL (an emulator such as moto).")(f)
+    return click.option("--region", default=None,
+                        help="AWS region [default: as for the launcher, then boto3's].")(f)
+
+
+def _ec2_client(ctx: click.Context, region: str | None, endpoint: str | None) -> Any:
+    from .backends._aws import ec2_client
+
+    env = (ctx.obj or {}).get("env", {})
+    return ec2_client(region or env.get("BIGMRUN_EC2_REGION"),
+                      endpoint or env.get("BIGMRUN_EC2_ENDPOINT"))
+
+
+def _fail(e: Exception) -> NoReturn:
+    """A BigmrunError from a command: its message, no traceback, exit status 1."""
+    raise click.ClickException(str(e)) from e
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--system", "ps_system", type=click.Choice(["ec2"]), default=None,
+              help="List what a system started: 'ec2' lists the EC2 instances bigmrun "
+                   "tagged, of every session (running drivers or not).")
+@click.option("--session", default=None, help="Only this session's.")
+@click.option("--all", "show_all", is_flag=True, help="Include terminated instances.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+@_aws_options
+@click.pass_context
+def ps(ctx: click.Context, ps_system: str | None, session: str | None, show_all: bool,
+       as_json: bool, region: str | None, endpoint: str | None) -> None:
+    """List bigmrun's machines: with --system ec2, its EC2 instances.
+
+    \b
+    Columns: session, instance, state, type, market, public and private IP, launch
+    time, machine, program, user (all from the instances' bigmrun:* tags).
+    """
+    if ps_system != "ec2":
+        _ps_sessions(ctx, session, as_json)
+        return
+    from .backends._aws import list_instances
+    from .errors import BigmrunError
+
+    try:
+        rows = list_instances(_ec2_client(ctx, region, endpoint), session,
+                              include_terminated=show_all)
+    except BigmrunError as e:
+        _fail(e)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no EC2 instances started by bigmrun"
+                   + (f" in session {session}" if session else "")
+                   + ("" if show_all else " (running or pending; --all adds terminated ones)"))
+        return
+    cols = [("SESSION", "session"), ("INSTANCE", "instance"), ("STATE", "state"),
+            ("TYPE", "type"), ("MARKET", "market"), ("PUBLIC IP", "public_ip"),
+            ("PRIVATE IP", "private_ip"), ("LAUNCHED", "launched"), ("MACHINE", "machine"),
+            ("PROGRAM", "program"), ("USER", "user")]
+    table = [[h for h, _ in cols]] + [[str(r[k] or "-") for _, k in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ps_sessions(ctx: click.Context, session: str | None, as_json: bool) -> None:
+    """``bigmrun ps`` without --system: the hook for listing local sessions (running
+    drivers and their machines). Not built yet: say so rather than print anything made up."""
+    raise click.UsageError("listing running driver sessions is not available yet; "
+                           "use `bigmrun ps --system ec2` to list EC2 instances")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--session", default=None,
+              help="Only this session's instances, key pair and security group.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=300.0,
+              show_default=True,
+              help="Seconds to wait for instances to terminate before deleting groups.")
+@_aws_options
+@click.pass_context
+def down(ctx: click.Context, session: str | None, yes: bool, wait_timeout: float,
+         region: str | None, endpoint: str | None) -> None:
+    """Terminate every EC2 instance bigmrun tagged (of one session with --session) and
+    delete the key pairs and security groups bigmrun made for sessions.
+
+    Key pairs and groups you named (--key-name, --security-group) are never touched.
+    """
+    from .backends._aws import down as ec2_down
+    from .errors import BigmrunError
+
+    try:
+        client = _ec2_client(ctx, region, endpoint)
+        ec2_down(client, session, echo=click.echo, wait_timeout=wait_timeout,
+                 confirm=lambda q: yes or click.confirm(q, default=False, err=True))
+    except BigmrunError as e:
+        _fail(e)
 
 
 def _run(fn: Any) -> None:

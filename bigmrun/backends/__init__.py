@@ -29,10 +29,9 @@ def get_system(system: str | System | None = None, **options: Any) -> System:
 
         return SSHSystem(**options)
     if name == "ec2":
-        raise ConfigError(
-            "the 'ec2' system is not available in this version of bigmrun; "
-            "use 'local', 'test' or 'ssh'"
-        )
+        from .ec2 import EC2System
+
+        return EC2System(**options)
     raise ConfigError(
         f"unknown system {name!r}: choose one of {', '.join(SYSTEM_NAMES)} "
         f"(or pass a System object)"

@@ -102,8 +102,12 @@ class SSHHost:
 
     def __init__(self, spec: HostSpec, *, key_filename: str | None = None,
                  known_hosts: str | None = None, accept_new_host_keys: bool = False,
-                 ssh_config: str | None = None, connect_timeout: float = 15.0) -> None:
+                 ssh_config: str | None = None, connect_timeout: float = 15.0,
+                 system_host_keys: bool = True) -> None:
         self.spec = spec
+        # False: trust only ``known_hosts`` (EC2: ~/.ssh/known_hosts may hold stale keys
+        # of an address that a new instance now has).
+        self._system_host_keys = system_host_keys
         self._key_filename = key_filename
         self._known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         self._accept_new = accept_new_host_keys
@@ -117,6 +121,11 @@ class SSHHost:
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
+
+    @property
+    def _known_name(self) -> str:
+        """The host's name in known_hosts: ``host``, or ``[host]:port`` off port 22."""
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
     @property
     def label(self) -> str:
@@ -146,7 +155,8 @@ class SSHHost:
         keys = [self._key_filename] if self._key_filename else identity
         client = paramiko.SSHClient()
         try:
-            client.load_system_host_keys()
+            if self._system_host_keys:
+                client.load_system_host_keys()
         except OSError:
             pass
         if os.path.exists(self._known_hosts):
@@ -171,7 +181,8 @@ class SSHHost:
             raise StartError(
                 f"host key of {self.label} does not match known_hosts ({self._known_hosts}): "
                 f"refusing to connect. If the host was legitimately re-installed, remove its "
-                f"old key with `ssh-keygen -R {self.hostname}`."
+                f"old key with `ssh-keygen -R {shlex.quote(self._known_name)} -f "
+                f"{shlex.quote(self._known_hosts)}`."
             ) from e
         except paramiko.AuthenticationException as e:
             client.close()

@@ -53,6 +53,23 @@ class _Host:
         self.lock = threading.Lock()
         self.probe: dict[str, Any] | None = None
         self.machines = 0
+        self._slots = threading.Lock()  # guards machines; never held for long (I/O loop)
+        #: Extra boot record fields for machines on this host: the EC2 system sets a
+        #: fixed RPC ``port`` (its security group opens only that) and ``advertise``.
+        self.boot_extra: dict[str, Any] = {}
+
+    def reserve(self, capacity: int) -> bool:
+        """Take a machine slot if fewer than ``capacity`` are taken."""
+        with self._slots:
+            if self.machines >= capacity:
+                return False
+            self.machines += 1
+            return True
+
+    def release(self) -> None:
+        """A machine slot on this host is free again (its machine ended or failed)."""
+        with self._slots:
+            self.machines = max(0, self.machines - 1)
 
     @property
     def cache(self) -> str:
@@ -71,6 +88,8 @@ class SSHHandle(MachineHandle):
         self.maxprocs = maxprocs
         self._loop = loop
         self.exited = loop.create_future()
+        self._slot_held = True  # on its host, until it ends or is being stopped
+        self.exited.add_done_callback(lambda _: self._free_slot())
         self._tail = threading.Thread(target=self._follow, args=(output,),
                                       name=f"bigmrun-{name}-tail", daemon=True)
         self._tail.start()
@@ -105,7 +124,13 @@ class SSHHandle(MachineHandle):
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_resolve, self.exited, err)
 
+    def _free_slot(self) -> None:
+        if self._slot_held:  # loop thread only
+            self._slot_held = False
+            self.host.release()
+
     async def kill(self, timeout: float = 5.0) -> None:
+        self._free_slot()  # a machine being stopped no longer counts against its host
         loop = asyncio.get_running_loop()
         if not self.exited.done():
             with contextlib.suppress(Exception):
@@ -155,10 +180,11 @@ class SSHSystem(System):
                  ssh_config: str | None = None, remote_cache: str | None = None,
                  keepalive_timeout: float | None = None, keepalive_interval: float = 1.0,
                  start_timeout: float = 180.0, program: Program | None = None,
-                 package: Package | None = None) -> None:
+                 package: Package | None = None, add_hosts_later: bool = False) -> None:
         env = os.environ
         hosts = hosts if hosts is not None else env.get("BIGMRUN_SSH_HOSTS", "")
-        self.hosts: list[HostSpec] = parse_hosts(hosts)
+        # add_hosts_later: start with no hosts; add_host() adds them (the EC2 system).
+        self.hosts: list[HostSpec] = [] if add_hosts_later else parse_hosts(hosts)
         ppH = procs_per_host if procs_per_host is not None else env.get("BIGMRUN_PROCS_PER_HOST")
         self.procs_per_host = int(ppH) if ppH else None
         if self.procs_per_host is not None and self.procs_per_host < 1:
@@ -204,6 +230,23 @@ class SSHSystem(System):
         self._next += 1
         host = self._hosts[slot % len(self._hosts)]
         return await loop.run_in_executor(None, self._launch, host, spec, output, loop)
+
+    def add_host(self, spec: HostSpec, **options: Any) -> _Host:
+        """A host that was not in ``hosts`` (the EC2 system adds each instance), with
+        this system's login settings (``options`` go to SSHHost too). :meth:`launch_on`
+        starts machines on it."""
+        host = _Host(SSHHost(spec, key_filename=self.key_filename, known_hosts=self.known_hosts,
+                             accept_new_host_keys=self.accept_new, ssh_config=self.ssh_config,
+                             **options))
+        self._hosts.append(host)  # closed by shutdown()
+        return host
+
+    def launch_on(self, host: _Host, spec: BootSpec, output: OutputSink,
+                  loop: asyncio.AbstractEventLoop) -> SSHHandle:
+        """Start one machine on ``host`` (blocking; run it off the I/O loop): log in,
+        probe, check, upload if missing, launch detached. What :meth:`launch` does for
+        its round-robin host; the EC2 system calls it for each instance."""
+        return self._launch(host, spec, output, loop)
 
     def _prepare_host(self, host: _Host, pkg: Package) -> None:
         """Log in, probe, check the interpreter, upload the package if missing (once)."""
@@ -252,22 +295,32 @@ class SSHSystem(System):
             self._prepare_host(host, pkg)
             assert host.probe is not None
             capacity = self.procs_per_host or int(host.probe.get("cpus") or 1)
-            if host.machines >= capacity:
+            if not host.reserve(capacity):
                 raise StartError(
                     f"host {host.conn.label} already runs {host.machines} machine(s), its "
                     f"limit ({'--procs-per-host' if self.procs_per_host else 'its CPU count'}"
                     f"); add hosts or raise --procs-per-host")
-            host.machines += 1
-        conn = host.conn
-        record = spec.boot_record(bind="0.0.0.0", advertise=conn.address, env=spec.env)
-        boot_path = posixpath.join(host.cache, f"boot-{spec.session_id}-{spec.name}.json")
-        sftp = conn.sftp()
         try:
-            with sftp.open(boot_path, "w") as f:
-                f.chmod(0o600)  # before a single byte of the key is written
-                f.write(json.dumps(record).encode())
-        finally:
-            sftp.close()
+            return self._boot(host, pkg, spec, output, loop)
+        except BaseException:
+            host.release()  # a machine that failed to start holds no slot
+            raise
+
+    def _boot(self, host: _Host, pkg: Package, spec: BootSpec, output: OutputSink,
+              loop: asyncio.AbstractEventLoop) -> SSHHandle:
+        """Write the machine's boot record on ``host`` and launch it there."""
+        conn = host.conn
+        record = spec.boot_record(**{"bind": "0.0.0.0", "advertise": conn.address,
+                                     "env": spec.env, **host.boot_extra})
+        boot_path = posixpath.join(host.cache, f"boot-{spec.session_id}-{spec.name}.json")
+        # Created with mode 0600 (umask 077) and only if absent (noclobber). Not SFTP: it
+        # creates files with the server's umask, and a chmod after the open leaves a moment
+        # in which another user may open the file and read the key once it is written.
+        status, _, err = conn.run(["sh", "-c", 'umask 077 && set -C && cat > "$1"', "sh",
+                                   boot_path], stdin=json.dumps(record).encode(), timeout=60)
+        if status != 0:
+            raise StartError(f"machine {spec.name} on {conn.label}: cannot write its boot "
+                             f"record {boot_path}: {err.decode(errors='replace').strip()}")
         _, _, args = split_program(self.program())
         cmd = [self.python, "-", "launch", "--package", pkg.digest, "--boot", boot_path,
                "--cache", host.cache, "--python", self.python, "--name", spec.name,
