@@ -265,11 +265,15 @@ def _fail(e: Exception) -> NoReturn:
 @click.pass_context
 def ps(ctx: click.Context, ps_system: str | None, session: str | None, show_all: bool,
        as_json: bool, region: str | None, endpoint: str | None) -> None:
-    """List bigmrun's machines: with --system ec2, its EC2 instances.
+    """List bigmrun's machines.
 
     \b
-    Columns: session, instance, state, type, market, public and private IP, launch
-    time, machine, program, user (all from the instances' bigmrun:* tags).
+    Without --system: the machines of every running program (driver session), from
+    their debug servers: session, machine, address, system, state, uptime, CPU %,
+    memory (HIGH when the host is short of it), load, calls in flight, last error.
+    With --system ec2: the EC2 instances bigmrun tagged, of every session (running
+    drivers or not): session, instance, state, type, market, public and private IP,
+    launch time, machine, program, user.
     """
     if ps_system != "ec2":
         _ps_sessions(ctx, session, as_json)
@@ -303,10 +307,56 @@ def ps(ctx: click.Context, ps_system: str | None, session: str | None, show_all:
 
 
 def _ps_sessions(ctx: click.Context, session: str | None, as_json: bool) -> None:
-    """``bigmrun ps`` without --system: the hook for listing local sessions (running
-    drivers and their machines). Not built yet: say so rather than print anything made up."""
-    raise click.UsageError("listing running driver sessions is not available yet; "
-                           "use `bigmrun ps --system ec2` to list EC2 instances")
+    """``bigmrun ps`` without --system: the machines of every running driver session."""
+    from .debug import client
+    from .errors import BigmrunError
+
+    try:
+        rows = client.ps_rows(session)
+    except BigmrunError as e:
+        _fail(e)
+    if as_json:
+        client.print_json(rows)
+        return
+    if not rows:
+        click.echo("no running bigmrun sessions" + (f" match {session!r}" if session else "")
+                   + " (EC2 instances: bigmrun ps --system ec2)")
+        return
+    client.render_ps(rows)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("machine", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the "
+              "program ends (Ctrl-C stops).")
+@click.option("-n", "--lines", "n", type=click.IntRange(min=1), default=None,
+              help="Only the last N lines (of each machine, for a finished session).")
+@click.option("--session", default=None,
+              help="Session ID (a prefix will do); needed when several are running, and "
+                   "to read a finished session's logs.")
+def logs(machine: str | None, follow: bool, n: int | None, session: str | None) -> None:
+    """Print machine output: one MACHINE's, or every machine's interleaved with prefixes.
+
+    \b
+    Examples:
+      bigmrun logs                 # the running session's output so far
+      bigmrun logs m1 -f           # follow machine m1
+      bigmrun logs --session 3fa2  # a session's output, even after it ended
+    """
+    import sys
+
+    from .debug import client
+    from .errors import BigmrunError
+
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    try:
+        for name, text in client.read_logs(machine, n, session, follow):
+            prefix = click.style(f"{name}:", fg="cyan") if colour else f"{name}:"
+            click.echo(f"{prefix} {text}")
+    except BigmrunError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command(context_settings=CONTEXT)

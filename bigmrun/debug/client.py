@@ -84,30 +84,47 @@ def _human_secs(s: float | None) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+PS_COLUMNS = ("SESSION", "MACHINE", "ADDRESS", "SYSTEM", "STATE", "UPTIME", "CPU%", "MEMORY",
+              "LOAD", "CALLS", "LAST ERROR")
+
+
+def _ps_cells(r: dict[str, Any]) -> list[str]:
+    mem = _human_bytes(r.get("rss"))
+    if r.get("mem_high"):
+        mem += f" HIGH({r.get('mem_percent', 0):.0f}%)"
+    cpu = r.get("cpu_percent")
+    load = r.get("load1")
+    return [
+        str(r.get("session", ""))[:12], str(r.get("machine", "")), str(r.get("addr") or "-"),
+        str(r.get("system", "-")), str(r.get("state", "?")), _human_secs(r.get("uptime")),
+        "-" if cpu is None else f"{cpu:.0f}", mem, "-" if load is None else f"{load:.2f}",
+        str(r.get("calls_in_flight", "-")), (r.get("error") or "")[:100],
+    ]
+
+
 def render_ps(rows: list[dict[str, Any]]) -> None:
+    """A rich table on a terminal; aligned plain columns otherwise (for grep and awk)."""
+    cells = [_ps_cells(r) for r in rows]
+    if not sys.stdout.isatty():
+        table = [list(PS_COLUMNS), *cells]
+        widths = [max(len(row[i]) for row in table) for i in range(len(PS_COLUMNS))]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=None, show_lines=False)
-    for col in ("SESSION", "MACHINE", "ADDRESS", "SYSTEM", "STATE", "UPTIME", "CPU%", "MEMORY",
-                "LOAD", "CALLS", "LAST ERROR"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        state = r.get("state", "?")
-        style = {"RUNNING": "green", "STOPPED": "red", "STARTING": "yellow"}.get(state, "")
-        mem = _human_bytes(r.get("rss"))
-        if r.get("mem_high"):
-            mem += f" [bold red]HIGH {r.get('mem_percent', 0):.0f}%[/]"
-        cpu = r.get("cpu_percent")
-        load = r.get("load1")
-        table.add_row(
-            str(r.get("session", ""))[:12], str(r.get("machine", "")), str(r.get("addr") or "-"),
-            str(r.get("system", "-")), f"[{style}]{state}[/]" if style else state,
-            _human_secs(r.get("uptime")), "-" if cpu is None else f"{cpu:.0f}", mem,
-            "-" if load is None else f"{load:.2f}", str(r.get("calls_in_flight", "-")),
-            (r.get("error") or "")[:80],
-        )
-    Console().print(table)
+    t = Table()
+    for col in PS_COLUMNS:
+        t.add_column(col, overflow="fold")
+    styles = {"RUNNING": "green", "STOPPED": "red", "STARTING": "yellow"}
+    for row in cells:
+        state = row[4]
+        row[4] = f"[{styles[state]}]{state}[/]" if state in styles else state
+        if "HIGH(" in row[7]:
+            row[7] = row[7].replace("HIGH(", "[bold red]HIGH(") + "[/]"
+        t.add_row(*row)
+    Console().print(t)
 
 
 def _finished_log_dir(session: str) -> str | None:
