@@ -27,6 +27,7 @@ import concurrent.futures
 import enum
 import io
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -233,12 +234,19 @@ class Machine:
 
     # --- calls ------------------------------------------------------------------------
 
-    def _prepare(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
-            int, bytes, list[tuple[int, Any]]]:
+    def _prepare(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 rid: str | None = None) -> tuple[int, bytes, list[tuple[int, Any]]]:
         if not isinstance(method, str) or "." not in method:
             raise ConfigError(f"method must be 'Service.method', got {method!r}")
         args, kwargs, sources = _extract_streams(args, kwargs)
-        payload = encode_request(method, args, kwargs, {"streams": True} if sources else None)
+        meta: dict[str, Any] | None = None
+        if sources or rid is not None:
+            meta = {}
+            if sources:
+                meta["streams"] = True
+            if rid is not None:
+                meta["rid"] = rid
+        payload = encode_request(method, args, kwargs, meta)
         return new_stream_id(), payload, sources
 
     def submit(self, method: str, *args: Any, timeout: float | None = None,
@@ -248,7 +256,11 @@ class Machine:
         Cancelling the future (or its timeout running out) tells the machine to cancel
         the call. Unpicklable arguments raise :class:`SerializationError` here.
         """
-        sid, payload, sources = self._prepare(method, args, kwargs)
+        return self._submit(method, args, kwargs, timeout, None)
+
+    def _submit(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None, rid: str | None) -> concurrent.futures.Future[Any]:
+        sid, payload, sources = self._prepare(method, args, kwargs, rid)
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         loop = _loop.get_loop()
 
@@ -272,7 +284,11 @@ class Machine:
         cancel it and :class:`CallTimeoutError` is raised. A generator method returns an
         iterator over its items.
         """
-        fut = self.submit(method, *args, timeout=timeout, **kwargs)
+        return self._call(method, args, kwargs, timeout, None)
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              timeout: float | None, rid: str | None) -> Any:
+        fut = self._submit(method, args, kwargs, timeout, rid)
         try:
             return fut.result()
         except BaseException as e:
@@ -306,12 +322,17 @@ class Machine:
         Only errors marked ``temporary`` (network failures) are retried, and only when
         the arguments can be replayed: a streamed argument that cannot be rewound
         (an iterator, an unseekable file) makes the first error final.
+
+        Every attempt carries the same request id, so the machine runs the call at most
+        once: an attempt whose predecessor already ran (its reply lost with the
+        connection) gets that reply instead of running the method again.
         """
         policy = retry_policy or RetryPolicy()
         rewind = _rewinder(args, kwargs)
+        rid = secrets.token_hex(12)
         for attempt in range(policy.max_attempts):
             try:
-                return self.call(method, *args, timeout=timeout, **kwargs)
+                return self._call(method, args, kwargs, timeout, rid)
             except BigmrunError as e:
                 last = attempt == policy.max_attempts - 1
                 if not e.temporary or rewind is None or last or self._state == State.STOPPED:

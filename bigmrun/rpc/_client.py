@@ -139,6 +139,7 @@ class ClientConnection(BaseConnection):
         """Give up on a call: tell the machine, stop its streams (loop thread)."""
         call = self.pending.pop(sid, None) or self.reply_args.pop(sid, None)
         inbox = self.inboxes.pop(sid, None)
+        self.forget_stream(sid)
         if call is None and inbox is None:
             return
         if call is not None:
@@ -149,6 +150,7 @@ class ClientConnection(BaseConnection):
 
     def _stop_streams(self, call: PendingCall, exc: BaseException) -> None:
         for ssid in call.streams:
+            self.forget_stream(ssid)
             credit = self.credits.pop(ssid, None)
             if credit is not None:
                 credit.close(exc)

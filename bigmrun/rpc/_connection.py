@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Any
 
 from ..errors import NetworkError, ProtocolError
@@ -35,6 +36,8 @@ class BaseConnection(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = self.loop.create_future()
         self.credits: dict[int, Credit] = {}  # streams we send: credit granted by the peer
+        self._tx: dict[int, list[int]] = {}  # streams we send: [bytes, crc32] so far
+        self._rx: dict[int, list[int]] = {}  # streams we receive: [bytes, crc32] so far
         self.inboxes: dict[int, Inbox] = {}  # streams we receive
 
     # asyncio.Protocol
@@ -57,6 +60,11 @@ class BaseConnection(asyncio.Protocol):
                 inbox = self.inboxes.get(f.stream_id)
                 if inbox is None:
                     continue  # a stream we gave up on: drop
+                tally = self._rx.get(f.stream_id)
+                if tally is None:
+                    tally = self._rx[f.stream_id] = [0, 0]
+                tally[0] += len(f.payload)
+                tally[1] = zlib.crc32(f.payload, tally[1])
                 if isinstance(inbox, ItemInbox):
                     inbox.put_part(f.payload, bool(f.flags & P.FLAG_MORE))
                 else:
@@ -67,8 +75,12 @@ class BaseConnection(asyncio.Protocol):
                     credit.grant(P.decode_window(f))
             elif t == P.END:
                 inbox = self.inboxes.pop(f.stream_id, None)
+                tally = self._rx.pop(f.stream_id, None) or [0, 0]
                 if inbox is not None:
-                    inbox.finish(self.end_error(f) if f.flags & P.FLAG_ERROR else None)
+                    if f.flags & P.FLAG_ERROR:
+                        inbox.finish(self.end_error(f))
+                    else:
+                        inbox.finish(_check_trailer(f, tally))
                 self.stream_ended(f.stream_id)
             elif t == P.GOAWAY:
                 self.goaway_received()
@@ -128,15 +140,26 @@ class BaseConnection(asyncio.Protocol):
         return send_credit
 
     def write_data(self, stream_id: int, data: bytes, flags: int = 0) -> None:
+        tally = self._tx.get(stream_id)
+        if tally is None:
+            tally = self._tx[stream_id] = [0, 0]
+        tally[0] += len(data)
+        tally[1] = zlib.crc32(data, tally[1])
         t = self.transport
         if t is not None:
             t.write(P.encode_header(P.DATA, stream_id, len(data), flags))
             t.write(data)
 
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop the integrity tallies of a stream that was given up on."""
+        self._tx.pop(stream_id, None)
+        self._rx.pop(stream_id, None)
+
     def write_end(self, stream_id: int, error_payload: bytes | None = None) -> None:
         self.credits.pop(stream_id, None)
+        total, crc = self._tx.pop(stream_id, None) or (0, 0)
         if error_payload is None:
-            self.write(P.encode_frame(P.END, stream_id))
+            self.write(P.encode_frame(P.END, stream_id, P.END_TRAILER.pack(total, crc)))
         else:
             self.write(P.encode_frame(P.END, stream_id, error_payload, P.FLAG_ERROR))
 
@@ -188,3 +211,16 @@ class BaseConnection(asyncio.Protocol):
 
     def extra(self, key: str) -> Any:
         return self.transport.get_extra_info(key) if self.transport else None
+
+
+def _check_trailer(frame: P.Frame, tally: list[int]) -> BaseException | None:
+    """None if the stream arrived whole; else the error its consumer gets."""
+    if len(frame.payload) != P.END_TRAILER.size:
+        return ProtocolError(f"stream {frame.stream_id} ended without a valid trailer")
+    total, crc = P.END_TRAILER.unpack(frame.payload)
+    if total != tally[0] or crc != tally[1]:
+        return ProtocolError(
+            f"stream {frame.stream_id} arrived damaged: the sender sent {total} bytes "
+            f"(crc32 {crc:08x}), {tally[0]} bytes (crc32 {tally[1]:08x}) arrived"
+        )
+    return None

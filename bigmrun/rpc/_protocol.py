@@ -22,7 +22,10 @@ REQUEST   open a call on stream id; payload = encoded method + arguments (``_cod
 RESPONSE  the call's reply; flag ``STREAM`` says DATA frames follow with the items
 ERROR     the call failed; payload = encoded error
 DATA      one chunk of a streamed argument or reply
-END       end of a stream; flag ``ERROR`` says the payload is an encoded error
+END       end of a stream; flag ``ERROR`` says the payload is an encoded error, else
+          the payload is the stream's trailer: u64 total DATA payload bytes and the
+          u32 CRC-32 of them, which the receiver checks (a stream that lost or
+          damaged a frame fails instead of delivering wrong data)
 CANCEL    the caller gave up on the call (timeout or cancel); the callee should stop
 WINDOW    flow-control credit: the receiver of DATA lets the sender send u32 more bytes
 GOAWAY    the sender closes the connection in order; nothing may follow it
@@ -42,6 +45,7 @@ from ..errors import ProtocolError
 HEADER = struct.Struct(">IBBQ")
 HEADER_SIZE = HEADER.size  # 14
 WINDOW_PAYLOAD = struct.Struct(">I")
+END_TRAILER = struct.Struct(">QI")  # total payload bytes, CRC-32
 
 REQUEST = 1
 RESPONSE = 2

@@ -30,6 +30,7 @@ from ._codec import (
     encode_error,
 )
 from ._connection import BaseConnection
+from ._dedup import Dedup
 from ._stats import RpcStats
 from ._streams import Credit, Inbox, StreamReader, asend_with_credit, send_with_credit
 
@@ -55,10 +56,11 @@ class Dispatcher:
 
 
 class _Running:
-    __slots__ = ("credit", "method", "sid", "state", "streams", "t0", "task")
+    __slots__ = ("credit", "method", "rid", "sid", "state", "streams", "t0", "task")
 
     def __init__(self, sid: int, method: str, streams: list[int] | None = None) -> None:
         self.t0 = time.monotonic()
+        self.rid: str | None = None  # retry_call's request id (see _dedup)
         self.sid = sid
         self.method = method
         self.state = CallState(method)
@@ -79,9 +81,10 @@ class ServerConnection(BaseConnection):
 
     def __init__(self, dispatcher: Dispatcher, executor: Executor, b: Any,
                  connections: set[ServerConnection] | None = None,
-                 stats: RpcStats | None = None) -> None:
+                 stats: RpcStats | None = None, dedup: Dedup | None = None) -> None:
         super().__init__()
         self.stats = stats
+        self.dedup = dedup
         self.dispatcher = dispatcher
         self.executor = executor
         self.b = b
@@ -105,8 +108,13 @@ class ServerConnection(BaseConnection):
             run = self.running.pop(frame.stream_id, None)
             if run is not None:
                 run.cancel()
+                if run.task is not None and run.rid is not None and self.dedup is not None:
+                    # An async call is cancelled for good: a retry may run it afresh.
+                    self.dedup.finish(run.rid, P.ERROR, encode_error(
+                        CallCancelledError(f"{run.method} was cancelled")), cache=False)
                 self._close_arg_streams(run)
             inbox = self.inboxes.pop(frame.stream_id, None)
+            self.forget_stream(frame.stream_id)
             if inbox is not None:
                 inbox.finish(CallCancelledError("stream was cancelled"))
         else:
@@ -135,12 +143,20 @@ class ServerConnection(BaseConnection):
             method, off = decode_method(frame.payload)
             handler = self.dispatcher.lookup(method)
             args, kwargs, meta = decode_request_body(frame.payload, off, method)
+            rid = meta.get("rid") if meta else None
+            if rid is not None and self.dedup is not None:
+                def answer(ftype: int, payload: bytes, sid: int = sid) -> None:
+                    self.write(P.encode_frame(ftype, sid, payload))
+
+                if not self.dedup.begin(str(rid), answer):
+                    return  # a retry of a call that ran or runs: answered by it
             if meta and meta.get("streams"):
                 args, kwargs = self._attach_streams(args, kwargs, streams)
         except Exception as e:
             self.write(P.encode_frame(P.ERROR, sid, encode_error(e)))
             return
         run = _Running(sid, method, streams)
+        run.rid = rid
         self.running[sid] = run
         if self.stats is not None:
             self.stats.started(method, len(frame.payload))
@@ -191,6 +207,7 @@ class ServerConnection(BaseConnection):
         """The call is over: drop what is left of its streamed arguments (the client
         stops sending them when it sees the call end)."""
         for ssid in run.streams:
+            self.forget_stream(ssid)
             inbox = self.inboxes.pop(ssid, None)
             if inbox is not None:
                 inbox.finish(CallCancelledError(f"{run.method} is over: stream closed"))
@@ -200,18 +217,26 @@ class ServerConnection(BaseConnection):
             self.stats.finished(run.method, ok, nbytes, time.monotonic() - run.t0)
 
     def _respond(self, run: _Running, payload: bytes) -> None:
+        if run.rid is not None and self.dedup is not None:
+            self.dedup.finish(run.rid, P.RESPONSE, payload)
         if self.running.pop(run.sid, None) is run:
             self._record(run, True, len(payload))
             self._close_arg_streams(run)
             self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
 
     def _fail(self, run: _Running, payload: bytes) -> None:
+        if run.rid is not None and self.dedup is not None:
+            self.dedup.finish(run.rid, P.ERROR, payload)
         if self.running.pop(run.sid, None) is run:
             self._record(run, False, len(payload))
             self._close_arg_streams(run)
             self.write(P.encode_frame(P.ERROR, run.sid, payload))
 
     def _open_stream(self, run: _Running) -> None:
+        if run.rid is not None and self.dedup is not None:
+            self.dedup.finish(run.rid, P.ERROR, encode_error(BigmrunError(
+                f"{run.method} returned a stream, which a retry cannot replay; it already "
+                f"started, so it was not run again")))
         if self.running.get(run.sid) is run and run.credit is not None:
             self.credits[run.sid] = run.credit
             self.write(P.encode_frame(P.RESPONSE, run.sid, b"", P.FLAG_STREAM))
@@ -295,6 +320,7 @@ class Server:
         self.b = b
         self.connections: set[ServerConnection] = set()
         self.stats = RpcStats()
+        self.dedup = Dedup()
         self._server: asyncio.base_events.Server | None = None
         self.host = ""
         self.port = 0
@@ -303,7 +329,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ServerConnection(self.dispatcher, self.executor, self.b, self.connections,
-                                     self.stats),
+                                     self.stats, self.dedup),
             host, port, ssl=ctx, ssl_handshake_timeout=10.0, backlog=1024,
         )
         sock = self._server.sockets[0]
