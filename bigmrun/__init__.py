@@ -66,12 +66,15 @@ __all__ = [
 ]
 
 
-def start(system: str | System | None = None, **options: Any) -> B:
+def start(system: str | System | None = None, *, chaos: bool | None = None,
+          **options: Any) -> B:
     """Start bigmrun: the driver gets its ``B``; on a machine this never returns.
 
     ``system`` is "local" (default), "test", "ssh", "ec2" or a :class:`System` object;
     without it, ``$BIGMRUN_SYSTEM`` (set by the ``bigmrun`` launcher) decides.
     ``options`` go to the system's constructor (e.g. ``keepalive_timeout=5``).
+    ``chaos=True`` lets ``bigmrun.testing.chaos`` inject network faults into the machines
+    (default: ``$BIGMRUN_CHAOS == "1"``).
 
     In a process started as a machine, this call becomes the machine's supervisor: it
     serves calls until the driver goes away, then exits the process.
@@ -82,7 +85,7 @@ def start(system: str | System | None = None, **options: Any) -> B:
         serve_forever()  # never returns
     from .backends import get_system
 
-    return B(get_system(system, **options))
+    return B(get_system(system, **options), chaos=chaos)
 
 
 def current() -> B:

@@ -440,7 +440,8 @@ class Machine:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: ClientConnection(self.name, self._conn_lost), host, int(port),
+                    lambda: ClientConnection(self.name, self._conn_lost, self._b.name),
+                    host, int(port),
                     ssl=self._b._client_ssl(), server_hostname=host,
                     ssl_handshake_timeout=10.0,
                 ),

@@ -56,9 +56,18 @@ class B:
 
     def __init__(self, system: System | str | None = None, *, is_driver: bool = True,
                  leaf: Leaf | None = None, session_id: str | None = None,
-                 name: str = "driver", output: Output | None = None) -> None:
+                 name: str = "driver", output: Output | None = None,
+                 chaos: bool | None = None) -> None:
+        if is_driver:
+            from ._supervisor import is_machine_process, serve_forever
+
+            if is_machine_process():  # B(...) on a machine serves, as bigmrun.start() does
+                serve_forever()
         self._system = get_system(system)
         self._is_driver = is_driver
+        #: Whether machines accept injected network faults (bigmrun.testing's chaos).
+        self.chaos_enabled = (os.environ.get("BIGMRUN_CHAOS") == "1") if chaos is None \
+            else chaos
         self.name = name
         self.session_id = session_id or secrets.token_hex(6)
         self._ca: CertificateAuthority | None = None
@@ -173,7 +182,8 @@ class B:
                 self._machines.append(m)
         specs = [
             BootSpec(m.name, self.session_id, self._ca.issue(m.name),
-                     self._system.keepalive_timeout, env, self._system.boot_settings())
+                     self._system.keepalive_timeout, env,
+                     dict(self._system.boot_settings(), chaos=self.chaos_enabled))
             for m in machines
         ]
         loop = _loop.get_loop()

@@ -148,6 +148,25 @@ class SupervisorService:
         return {"load1": one, "load5": five, "load15": fifteen,
                 "cpus": _machine_info()["maxprocs"]}
 
+    async def chaos(self, links: list[tuple[str, str, dict[str, Any] | None]]) -> int:
+        """Set this machine's network faults (only in a session that allows chaos).
+
+        ``links`` holds (local, peer, faults) with ``local`` this machine's name; faults
+        None clears a link. Returns how many links now have faults here.
+        """
+        from .rpc._faults import TABLE, Faults
+
+        if not self._sup.chaos_allowed:
+            raise PermissionError(
+                f"chaos is not enabled on {self._sup.name}: start the session with "
+                f"chaos=True (bigmrun.testing does) to inject network faults")
+        for local, peer, faults in links:
+            if local != self._sup.name:
+                raise ValueError(f"{self._sup.name} can only set its own links, not {local}")
+            TABLE.set(local, peer, Faults(**faults) if faults else None)
+        TABLE.apply(asyncio.get_running_loop())
+        return len(TABLE.links())
+
     def stats(self) -> dict[str, Any]:
         """One sample for the driver's monitor: CPU, memory, disk, network, load, the
         cluster variables and per-method RPC statistics of this machine."""
@@ -181,7 +200,10 @@ class Supervisor(Dispatcher):
         on_exit: Callable[[int, str], None],
         clock: Callable[[], float] = time.monotonic,
         threads: int = DEFAULT_CALL_THREADS,
+        chaos: bool = False,
     ) -> None:
+        #: Whether the driver may inject network faults here (``Supervisor.chaos``).
+        self.chaos_allowed = chaos
         self.name = name
         self.leaf = leaf
         self.b = b
@@ -398,7 +420,8 @@ def serve_forever() -> None:
         finally:
             done.set()  # exit whatever happens: a machine must never outlive its driver
 
-    sup = Supervisor(boot["name"], leaf, float(boot["keepalive_timeout"]), b, on_exit)
+    sup = Supervisor(boot["name"], leaf, float(boot["keepalive_timeout"]), b, on_exit,
+                     chaos=bool((boot.get("system") or {}).get("chaos")))
     b._attach_supervisor(sup)
     host, port = _loop.run(sup.start(boot.get("bind", "127.0.0.1"), int(boot.get("port", 0))))
     report = {"addr": f"{boot.get('advertise') or host}:{port}", **_machine_info()}

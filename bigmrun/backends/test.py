@@ -67,7 +67,7 @@ class TestSystem(System):
             handle.end(f"machine {spec.name} exited: {reason}")
 
         sup = Supervisor(spec.name, spec.leaf, spec.keepalive_timeout, b, on_exit,
-                         threads=64)
+                         threads=64, chaos=bool(spec.system.get("chaos")))
         b._attach_supervisor(sup)
         handle.supervisor = sup
         host, port = await sup.start("127.0.0.1", 0)

@@ -2,7 +2,14 @@
 
 Each sample (``Supervisor.stats``: CPU, memory, disk, network, load, cluster variables,
 RPC statistics) goes into the :class:`TimeSeries` store for the dashboard, and the
-latest one per machine is kept whole for ``bigmrun ps`` and ``/debug/vars``.
+latest one per machine is kept whole for ``bigmrun ps``, ``/debug/vars`` and ``/metrics``.
+
+The interval comes from ``BIGMRUN_SAMPLE_INTERVAL`` (seconds, default 2). ``0`` turns
+sampling off: no ``Supervisor.stats`` calls at all (the debug server still answers, but
+machine statistics, variables and charts stay empty).
+
+Series names: the machine statistics (``cpu_percent``, ``rss``, ...), ``var:NAME`` per
+counter and gauge, ``var:NAME:count`` and ``var:NAME:mean`` per histogram.
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ if TYPE_CHECKING:
 DEFAULT_INTERVAL = 2.0
 
 
+def sample_interval() -> float:
+    """``$BIGMRUN_SAMPLE_INTERVAL`` in seconds (default 2; 0 or less: sampling off)."""
+    raw = os.environ.get("BIGMRUN_SAMPLE_INTERVAL", "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return DEFAULT_INTERVAL
+
+
 def mem_threshold() -> float:
     """Percent of a host's memory in use above which a machine is flagged (default 90)."""
     try:
@@ -33,14 +51,21 @@ class Monitor:
     def __init__(self, b: B, interval: float | None = None,
                  store: TimeSeries | None = None) -> None:
         self.b = b
-        self.interval = interval or float(os.environ.get("BIGMRUN_SAMPLE_INTERVAL") or
-                                          DEFAULT_INTERVAL)
+        self.interval = sample_interval() if interval is None else max(0.0, interval)
         self.store = store or TimeSeries()
         self.latest: dict[str, dict[str, Any]] = {}
         self._prev_net: dict[str, tuple[float, float, float]] = {}
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def enabled(self) -> bool:
+        """False when sampling is off (interval 0)."""
+        return self.interval > 0
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.enabled:
+            return
+
         def go() -> None:
             self._task = loop.create_task(self._run())
 
@@ -81,4 +106,8 @@ class Monitor:
         for kind in ("counters", "gauges"):
             for name, val in (v.get(kind) or {}).items():
                 values[f"var:{name}"] = val
+        for name, h in (v.get("histograms") or {}).items():  # charted as count and mean
+            values[f"var:{name}:count"] = h["count"]
+            if h["count"]:
+                values[f"var:{name}:mean"] = h["sum"] / h["count"]
         self.store.add(now, m.name, values)

@@ -110,8 +110,10 @@ class ClientConnection(BaseConnection):
         self,
         machine: str,
         on_lost: Callable[[ClientConnection, BaseException, list[PendingCall]], None],
+        local: str | None = None,
     ) -> None:
         super().__init__()
+        self.local = local
         self.machine = machine
         self.pending: dict[int, PendingCall] = {}
         # Calls answered by a streamed reply that still stream arguments out: those

@@ -15,6 +15,8 @@ from typing import Any
 
 from ..errors import NetworkError, ProtocolError
 from . import _protocol as P
+from ._faults import TABLE as FAULTS
+from ._faults import Faults
 from ._streams import Credit, Inbox, ItemInbox
 from ._tls import peer_name
 
@@ -35,6 +37,9 @@ class BaseConnection(asyncio.Protocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = self.loop.create_future()
+        self.local: str | None = None  # our own participant name (for fault links)
+        self.faults: Faults | None = None  # chaos on frames we send (see _faults)
+        self._fault_release = 0.0
         self.credits: dict[int, Credit] = {}  # streams we send: credit granted by the peer
         self._tx: dict[int, list[int]] = {}  # streams we send: [bytes, crc32] so far
         self._rx: dict[int, list[int]] = {}  # streams we receive: [bytes, crc32] so far
@@ -46,6 +51,7 @@ class BaseConnection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.peer = peer_name(transport.get_extra_info("ssl_object"))
+        FAULTS.register(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -145,6 +151,9 @@ class BaseConnection(asyncio.Protocol):
             tally = self._tx[stream_id] = [0, 0]
         tally[0] += len(data)
         tally[1] = zlib.crc32(data, tally[1])
+        if self.faults is not None:
+            self.faults.send(self, P.encode_header(P.DATA, stream_id, len(data), flags) + data)
+            return
         t = self.transport
         if t is not None:
             t.write(P.encode_header(P.DATA, stream_id, len(data), flags))
@@ -172,6 +181,10 @@ class BaseConnection(asyncio.Protocol):
             await fut
 
     def write(self, data: bytes) -> None:
+        """Write one whole encoded frame."""
+        if self.faults is not None:
+            self.faults.send(self, data)
+            return
         t = self.transport
         if t is not None:
             t.write(data)

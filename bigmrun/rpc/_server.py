@@ -83,6 +83,7 @@ class ServerConnection(BaseConnection):
                  connections: set[ServerConnection] | None = None,
                  stats: RpcStats | None = None, dedup: Dedup | None = None) -> None:
         super().__init__()
+        self.local = getattr(b, "name", None)
         self.stats = stats
         self.dedup = dedup
         self.dispatcher = dispatcher
