@@ -386,6 +386,15 @@ def down(ctx: click.Context, session: str | None, yes: bool, wait_timeout: float
         _fail(e)
 
 
+def _attach_commands() -> None:
+    from .profiling.cli import profile
+
+    main.add_command(profile)
+
+
+_attach_commands()
+
+
 def _run(fn: Any) -> None:
     try:
         fn()

@@ -29,6 +29,11 @@ How this works
     third-party packages). ``__pycache__``/``*.pyc`` and the editable-install finders
     (replaced by ``src/``) are left out; ``.pth`` files keep only their lines that still
     make sense on another host.
+``bigmrun-env/bin/``
+    self-contained executables that wheels in those site-packages installed into the
+    virtualenv's ``bin/`` and that bigmrun runs on machines: py-spy, for ``bigmrun
+    profile`` (:data:`TOOLS`). Console scripts are not shipped: they name the driver's
+    interpreter.
 
 Determinism: entries are sorted, timestamps fixed (1980-01-01), modes reduced to 644 or
 755, so the same inputs give the same bytes. ``digest`` is the SHA-256 of the metadata
@@ -107,6 +112,9 @@ DEFAULT_IGNORE = (
     ".venv/", "venv/", ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", ".tox/", ".nox/",
     ".hypothesis/", ".ipynb_checkpoints/", ".eggs/", ".DS_Store",
 )
+#: Self-contained executables that wheels put in a virtualenv's ``bin/``, shipped as
+#: ``bigmrun-env/bin/NAME`` (see :func:`_tool_inputs`): distribution -> executable.
+TOOLS = {"py_spy": "py-spy"}
 #: Left out of site-packages.
 SITE_IGNORE = ("__pycache__/", "*.pyc", "*.pyo", "__editable__*")
 
@@ -364,6 +372,38 @@ def _site_inputs(sites: Sequence[str]) -> tuple[list[_Input], list[tuple[str, st
     return inputs, sources
 
 
+def _tool_inputs(sites: Sequence[str]) -> list[_Input]:
+    """The :data:`TOOLS` executables that wheels in ``sites`` installed into the
+    virtualenv's ``bin/`` (found through the wheel's ``RECORD``), as ``bigmrun-env/bin/``.
+
+    ``bin/`` is not shipped otherwise (its console scripts name the driver's own
+    interpreter), but py-spy is a self-contained binary that ``bigmrun profile`` runs
+    on every machine: ``bigmrun.profiling.capture`` looks for it in ``<env>/bin``.
+    """
+    out: dict[str, _Input] = {}
+    for sp in sites:
+        try:
+            dists = sorted(os.listdir(sp))
+        except OSError:
+            continue
+        for dist in dists:
+            tool = TOOLS.get(dist.split("-", 1)[0].lower())
+            if tool is None or not dist.endswith(".dist-info") or tool in out:
+                continue
+            try:
+                with open(os.path.join(sp, dist, "RECORD"), encoding="utf-8") as f:
+                    rows = [line.split(",", 1)[0] for line in f]
+                path = next(os.path.normpath(os.path.join(sp, r)) for r in rows
+                            if r.startswith("../") and r.endswith("/bin/" + tool))
+                st = os.stat(path)
+            except (OSError, UnicodeDecodeError, StopIteration):
+                continue
+            out[tool] = _Input(f"{ENV_PREFIX}bin/{tool}", f"tools/{tool}", src=path,
+                               size=st.st_size, mtime_ns=st.st_mtime_ns,
+                               exe=bool(st.st_mode & 0o111))
+    return list(out.values())
+
+
 def _filter_pth(path: str, sp: str, sites: Sequence[str]) -> tuple[list[str], list[str]]:
     """A ``.pth`` file's lines that stay valid on a host, and directories it names that
     lie outside every site-packages (to ship as sources)."""
@@ -606,6 +646,7 @@ def _build(croot: str, prog_root: str | None, entry: str, kind: str, sites: Sequ
                                       [*DEFAULT_IGNORE, *ignore])
         inputs += _walk(prog_root, PROG_PREFIX, "program/", rules, skip=[croot, *sites])
     site_inputs, sources = _site_inputs(sites)
+    site_inputs += _tool_inputs(sites)
     own = os.path.dirname(os.path.abspath(bigmrun.__file__))
     src_inputs = _source_inputs([("bigmrun", own), *extra_sources, *sources], sites)
     inputs += site_inputs + src_inputs

@@ -158,7 +158,8 @@ class DebugServer:
 
     def start(self) -> None:
         from .. import _loop
-        from . import routes  # noqa: F401  (registers the routes)
+        from ..profiling import routes as _profile  # noqa: F401  (/debug/profile)
+        from . import dashboard, metrics, routes  # noqa: F401  (registers the routes)
 
         self._thread.start()
         self.monitor.start(_loop.get_loop())
