@@ -386,6 +386,27 @@ def down(ctx: click.Context, session: str | None, yes: bool, wait_timeout: float
         _fail(e)
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--session", default=None, help="Session ID (a prefix will do).")
+@click.option("--open", "open_browser", is_flag=True, help="Open it in a web browser.")
+def dashboard(session: str | None, open_browser: bool) -> None:
+    """Print the URL of a running program's dashboard (it carries the session's token:
+    it is for you only)."""
+    from .debug import client
+    from .errors import BigmrunError
+
+    try:
+        info = client.pick_one(session)
+    except BigmrunError as e:
+        _fail(e)
+    url = f"{info.url}/?token={info.token}"
+    click.echo(url)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+
+
 def _attach_commands() -> None:
     from .profiling.cli import profile
 

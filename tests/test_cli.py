@@ -164,6 +164,13 @@ def test_ps_and_logs_against_a_running_driver(tmp_path):
         assert r.stdout.strip() == "m1: said 1"
         r = bigmrun("logs", "m7")
         assert r.returncode == 1 and "no machine 'm7'" in r.stderr
+        url = bigmrun("dashboard").stdout.strip()
+        assert url.startswith("http://127.0.0.1:") and "/?token=" in url
+        import requests
+
+        page = requests.get(url, timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        assert requests.get(url.split("?")[0], timeout=10).status_code == 401
     finally:
         proc.communicate("stop\n", timeout=60)
     assert proc.returncode == 0
