@@ -298,6 +298,12 @@ class B:
             _loop.run(self._ashutdown(machines), timeout + 5 + self._system.shutdown_timeout)
         except Exception:
             pass
+        if self.chaos_enabled:
+            # Faults are per process and keyed by name: do not let this session's
+            # chaos leak into the next session's machines of the same names.
+            from .rpc._faults import TABLE
+
+            TABLE.forget({m.name for m in machines if m.owned})
 
     async def _ashutdown(self, machines: list[Machine]) -> None:
         owned = [m for m in machines if m.owned and m.state != State.STOPPED]

@@ -308,7 +308,9 @@ class Supervisor(Dispatcher):
 
     async def _watch(self) -> None:
         while not self._exited:
-            await asyncio.sleep(min(0.5, self.watchdog.timeout / 4))
+            # A fine period: the machine should be gone within the timeout of the
+            # driver's last keepalive, not a coarse check period later.
+            await asyncio.sleep(min(0.1, self.watchdog.timeout / 20))
             if self.watchdog.expired():
                 self.exit(
                     EXIT_KEEPALIVE_LOST,

@@ -50,3 +50,31 @@ def local_b() -> Iterator[bigmrun.B]:
         yield session
     finally:
         session.shutdown()
+
+
+# --- measured figures (tests/test_reliability.py, test_fuzz.py) --------------------------
+
+#: name -> value; printed at the end of the run and written to ``figures.json`` in the
+#: session's temporary directory, so they show without ``-s``.
+FIGURES: dict[str, Any] = {}
+
+
+def record_figure(name: str, value: Any) -> None:
+    """Record a measured figure (shown in the terminal summary)."""
+    FIGURES[name] = value
+    print(f"FIGURE {name} = {value}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    import json
+    import tempfile
+
+    terminalreporter.section("bigmrun measured figures")
+    for name, value in FIGURES.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    path = tempfile.mkdtemp(prefix="bigmrun-figures-") + "/figures.json"
+    with open(path, "w") as f:
+        json.dump(FIGURES, f, indent=2, default=str)
+    terminalreporter.write_line(f"(written to {path})")

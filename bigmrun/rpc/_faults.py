@@ -30,6 +30,7 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -130,6 +131,13 @@ class FaultTable:
     def clear(self) -> None:
         with self._lock:
             self._links.clear()
+
+    def forget(self, names: Collection[str]) -> None:
+        """Drop the faults of every link with an end in ``names`` (a session's machines,
+        when it shuts down: a later session's machines reuse the names ``m0``...)."""
+        with self._lock:
+            for link in [k for k in self._links if k[0] in names or k[1] in names]:
+                del self._links[link]
 
     def links(self) -> dict[str, dict[str, Any]]:
         with self._lock:
