@@ -39,19 +39,12 @@ def oom_kill_count(pid: int) -> tuple[str, int] | None:
     d = _memory_cgroup_dir(pid)
     if d is None:
         return None
-    for name in ("memory.events", "memory.oom_control"):
-        try:
-            with open(os.path.join(d, name)) as f:
-                for line in f:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return d, int(value)
-        except (OSError, ValueError):
-            continue
-    return None
+    n = _count_in(d)
+    return None if n is None else (d, n)
 
 
 def _count_in(d: str) -> int | None:
+    """The ``oom_kill`` counter of memory cgroup ``d`` (v2 or v1), if readable."""
     for name in ("memory.events", "memory.oom_control"):
         try:
             with open(os.path.join(d, name)) as f:
