@@ -144,6 +144,20 @@ def _set_afuture(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
+def _close_reply(ok: bool, value: Any) -> None:
+    """Close a streamed reply nobody will read (its call was cancelled meanwhile)."""
+    close = getattr(value, "close", None)
+    if ok and close is not None and type(value).__name__ == "ReplyStream":
+        close()
+
+
+def _set_afuture_or_close(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():  # cancelled meanwhile
+        _close_reply(ok, value)
+        return
+    _set_afuture(fut, ok, value)
+
+
 class Machine:
     """A machine managed (``owned``) or dialed by a :class:`B`.
 
@@ -302,17 +316,30 @@ class Machine:
                     **kwargs: Any) -> Any:
         """``await`` form of :meth:`call`, usable from any asyncio event loop."""
         loop = _loop.get_loop()
-        if asyncio.get_running_loop() is not loop:
-            cf = self.submit(method, *args, timeout=timeout, **kwargs)
-            return await asyncio.wrap_future(cf)
+        caller = asyncio.get_running_loop()
         sid, payload, sources = self._prepare(method, args, kwargs)
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._dispatch(sid, method, payload, sources,
-                       lambda ok, v: _set_afuture(fut, ok, v), timeout, fut.done)
+        fut: asyncio.Future[Any] = caller.create_future()
+        if caller is loop:
+            self._dispatch(sid, method, payload, sources,
+                           lambda ok, v: _set_afuture(fut, ok, v), timeout, fut.done)
+        else:
+            # Another loop (the caller's own): the I/O loop resolves the caller's future
+            # directly, one hop back, without a concurrent.futures.Future in between.
+            def resolve(ok: bool, value: Any) -> None:
+                try:
+                    caller.call_soon_threadsafe(_set_afuture_or_close, fut, ok, value)
+                except RuntimeError:  # the caller's loop is closed: nobody waits
+                    _close_reply(ok, value)
+
+            loop.call_soon_threadsafe(self._dispatch, sid, method, payload, sources,
+                                      resolve, timeout, fut.done)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._cancel_sid(sid)
+            if caller is loop:
+                self._cancel_sid(sid)
+            else:
+                loop.call_soon_threadsafe(self._cancel_sid, sid)
             raise
 
     def retry_call(self, method: str, *args: Any, timeout: float | None = None,

@@ -149,7 +149,9 @@ class DebugServer:
         self._httpd.debug = self
         port = self._httpd.server_address[1]
         self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
+        # A short poll interval: shutdown() waits for the serving loop to notice, and
+        # every program's exit waits for shutdown().
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
                                         name="bigmrun-debug", daemon=True)
         self.info: sessions.SessionInfo | None = None
 
