@@ -497,7 +497,8 @@ class Machine:
     async def _classify_loss(self, handle: MachineHandle, exc: BaseException,
                              pending: list[PendingCall]) -> None:
         try:
-            ended = await asyncio.wait_for(asyncio.shield(handle.exited), EXIT_GRACE)
+            grace = float(getattr(self._b.system, "exit_grace", EXIT_GRACE))
+            ended = await asyncio.wait_for(asyncio.shield(handle.exited), grace)
         except asyncio.TimeoutError:
             ended = None
         if ended is not None:

@@ -412,3 +412,67 @@ def test_chaos_does_not_outlive_its_session() -> None:
         (m,) = b.start(1, services={"W": Worker()})
         assert m.wait(State.RUNNING, timeout=30) == State.RUNNING
         assert m.call("W.echo", 2, timeout=10) == 2
+
+
+# --- machine SIGKILLed mid-call, SSH host (loopback sshd) ----------------------------------
+
+
+def test_machine_sigkill_mid_call_ssh_fails_within_keepalive() -> None:
+    import pwd
+    import shutil
+    import tempfile
+
+    from bigmrun.backends.ssh import SSHSystem
+    from bigmrun.testing.sshd import DEFAULT_USER, Keys, SSHServer, Unavailable, check_available
+
+    try:
+        check_available()
+    except Unavailable as e:
+        pytest.skip(f"real OpenSSH server unavailable here: {e}")
+    keepalive = 5.0
+    keys = Keys.make()
+    base = tempfile.mkdtemp(prefix="bigmrun-test-rel-ssh-kill-", dir="/dev/shm"
+                            if os.path.isdir("/dev/shm") else None)
+    os.chmod(base, 0o755)
+    cache = os.path.join(base, "hostcache")
+    os.makedirs(cache)
+    pw = pwd.getpwnam(DEFAULT_USER)
+    os.chown(cache, pw.pw_uid, pw.pw_gid)
+    server = SSHServer(keys, env={"BIGMRUN_CACHE": cache})
+    times: list[float] = []
+    try:
+        server.start()
+        known = os.path.join(keys.dir, "known_hosts")
+        Path(known).write_text(server.known_hosts_line())
+        system = SSHSystem(hosts=server.target, key_filename=keys.client_key,
+                           known_hosts=known, procs_per_host=3, keepalive_timeout=keepalive)
+        with bigmrun.start(system) as b:
+            ms = b.start(3, services={"W": Worker()})
+            for m in ms:
+                assert m.wait(State.RUNNING, timeout=300) == State.RUNNING, m.err
+            for m in ms:
+                futs = [m.submit("W.sleep", 60) for _ in range(2)]
+                time.sleep(0.2)
+                assert not any(f.done() for f in futs)
+                assert m.handle is not None
+                t0 = time.monotonic()
+                os.kill(m.handle.pid, signal.SIGKILL)  # the host is this machine
+                concurrent.futures.wait(futs, timeout=keepalive + 10)
+                times.append(time.monotonic() - t0)
+                for f in futs:
+                    e = f.exception(timeout=0)
+                    assert isinstance(e, MachineLostError), repr(e)
+                    assert m.name in str(e), str(e)
+                assert m.state == State.STOPPED
+    finally:
+        server.stop()
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if p.pid != os.getpid() and cache in " ".join(p.info["cmdline"] or ()):
+                    p.kill()
+        shutil.rmtree(base, ignore_errors=True)
+        keys.cleanup()
+    record_figure("machine_sigkill_ssh_trials", len(times))
+    record_figure("machine_sigkill_ssh_max_s", round(max(times), 3))
+    assert len(times) == 3
+    assert max(times) < keepalive, times

@@ -93,6 +93,10 @@ class System(abc.ABC):
     keepalive_interval: float = 1.0
     #: Time allowed for one machine to start and report its address (seconds).
     start_timeout: float = 60.0
+    #: After a connection to a machine breaks, how long to wait for the system to say
+    #: whether the machine's process ended (calls then fail as MachineLostError, not as
+    #: a NetworkError). Remote systems learn of an exit later than local ones.
+    exit_grace: float = 0.5
     #: Where to report start-up progress (set by the session; see ``_progress``).
     progress: Any = None
     #: Extra time ``B.shutdown`` allows :meth:`shutdown` (seconds): EC2 waits there for

@@ -96,7 +96,7 @@ class SSHHandle(MachineHandle):
 
     def _follow(self, output: OutputSink) -> None:
         """Copy the machine's log to the driver until its process ends."""
-        cmd = (f"tail -n +1 -F --pid={self.pid} {shlex.quote(self.log)} 2>/dev/null; "
+        cmd = (f"tail -n +1 -F -s 0.2 --pid={self.pid} {shlex.quote(self.log)} 2>/dev/null; "
                f"kill -0 {self.pid} 2>/dev/null && echo __BIGMRUN_ALIVE__ >&2; exit 0")
         try:
             chan = self.host.conn.open_stream(cmd)
@@ -111,10 +111,11 @@ class SSHHandle(MachineHandle):
                     output.line(self.name, "stdout", line + b"\n")
             if buf:
                 output.line(self.name, "stdout", buf)
-            if not chan.exit_status_ready():
-                return  # the SSH connection broke: the machine may live; keepalives decide
+            # The exit status follows the end of output (it may lag it a little); a
+            # broken SSH connection gives -1: the machine may live, keepalives decide.
+            status = chan.recv_exit_status()
             alive = b"__BIGMRUN_ALIVE__" in _drain_stderr(chan)
-            if chan.recv_exit_status() != 0 or alive:
+            if status != 0 or alive:
                 return
         except Exception:
             return  # cannot follow: keepalives decide
@@ -173,6 +174,7 @@ class SSHSystem(System):
     """
 
     name = "ssh"
+    exit_grace = 2.0  # the log follower polls the process every 0.2 s, over SSH
 
     def __init__(self, hosts: str | list[str] | None = None, procs_per_host: int | None = None,
                  python: str | None = None, key_filename: str | None = None,
