@@ -79,7 +79,11 @@ class _Host:
 
 class SSHHandle(MachineHandle):
     def __init__(self, name: str, host: _Host, pid: int, log: str, addr: str, maxprocs: int,
-                 loop: asyncio.AbstractEventLoop, output: OutputSink) -> None:
+                 loop: asyncio.AbstractEventLoop, output: OutputSink,
+                 oom_kills: int | None = None) -> None:
+        self.oom_baseline = oom_kills  # the host's OOM-kill count when the machine started
+        self.killed = False  # by the driver: not an OOM kill
+        self.exited_itself = False  # it said why it exited (keepalives lost, asked to)
         self.name = name
         self.host = host
         self.pid = pid
@@ -108,6 +112,8 @@ class SSHHandle(MachineHandle):
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
+                    if line.startswith(b"bigmrun: machine ") and b" exiting: " in line:
+                        self.exited_itself = True
                     output.line(self.name, "stdout", line + b"\n")
             if buf:
                 output.line(self.name, "stdout", buf)
@@ -119,11 +125,33 @@ class SSHHandle(MachineHandle):
                 return
         except Exception:
             return  # cannot follow: keepalives decide
-        err = MachineLostError(
-            f"machine {self.name} on {self.host.conn.label} ended (process {self.pid} is "
-            f"gone; its log: {self.log})", machine=self.name)
+        oom = self._oom_killed()
+        if oom:
+            message = (f"machine {self.name} on {self.host.conn.label} was killed by the "
+                       f"kernel's OOM killer: it ran out of memory (the host's OOM-kill "
+                       f"count rose while it ran; its log: {self.log})")
+        else:
+            message = (f"machine {self.name} on {self.host.conn.label} ended (process "
+                       f"{self.pid} is gone; its log: {self.log})")
+        err = MachineLostError(message, machine=self.name)
+        err.oom = oom  # type: ignore[attr-defined]
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(_resolve, self.exited, err)
+
+    def _oom_killed(self) -> bool:
+        """Whether the host's OOM killer struck while this machine ran (it ended unasked).
+
+        Unprivileged users cannot read the kernel log on most hosts, but everyone can
+        read the kernel's OOM-kill count; a rise while the machine ran, with the machine
+        gone without exiting by itself, is the OOM killer's mark.
+        """
+        if self.oom_baseline is None or self.killed or self.exited_itself:
+            return False
+        try:
+            _, out, _ = self.host.conn.run("grep '^oom_kill ' /proc/vmstat", timeout=15)
+            return int(out.split()[1]) > int(self.oom_baseline)
+        except Exception:
+            return False
 
     def _free_slot(self) -> None:
         if self._slot_held:  # loop thread only
@@ -131,6 +159,7 @@ class SSHHandle(MachineHandle):
             self.host.release()
 
     async def kill(self, timeout: float = 5.0) -> None:
+        self.killed = True
         self._free_slot()  # a machine being stopped no longer counts against its host
         loop = asyncio.get_running_loop()
         if not self.exited.done():
@@ -340,7 +369,8 @@ class SSHSystem(System):
             raise StartError(f"machine {spec.name} on {conn.label} failed to start: "
                              f"{report.get('error')}. Its last output:\n{tail}")
         handle = SSHHandle(spec.name, host, int(report["pid"]), str(report["log"]),
-                           str(report["addr"]), int(report.get("maxprocs", 1)), loop, output)
+                           str(report["addr"]), int(report.get("maxprocs", 1)), loop, output,
+                           report.get("oom_kills"))
         self._handles.append(handle)
         return handle
 

@@ -95,6 +95,18 @@ def platform_key(plat: str) -> str:
 # --- probe ---------------------------------------------------------------------------
 
 
+def oom_kills() -> int | None:
+    """The kernel's count of OOM kills since boot (``oom_kill`` in /proc/vmstat), if any."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def probe(cache: str | None = None) -> dict[str, Any]:
     """Facts about this host and its Python, and the packages its cache holds."""
     root = cache_root(cache)
@@ -246,6 +258,7 @@ def launch(package: str, boot: str, *, cache: str | None = None, python: str | N
         os.close(ctl_r)
     out: dict[str, Any] = dict(base, **report)
     out["ok"] = True
+    out["oom_kills"] = oom_kills()  # the host's OOM-kill count now, to compare at its end
     out["pid"] = proc.pid
     proc.returncode = 0  # we leave it running on purpose: keep Popen from warning
     return out
