@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from services_oom import Hog
+from sshhost import loopback_ssh
 
 import bigmrun
 from bigmrun.backends._oom import _memory_cgroup_dir
@@ -29,6 +30,17 @@ def _child_cgroup() -> str:
     except OSError as e:
         pytest.skip(f"cannot create a memory cgroup: {e}")
     return d
+
+
+def _remove_cgroup(cg: str) -> None:
+    import time
+
+    for _ in range(50):  # the killed process may take a moment to leave it
+        try:
+            os.rmdir(cg)
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 @pytest.mark.timeout(120)
@@ -49,14 +61,7 @@ def test_oom_killed_machine_is_stopped_with_an_error_that_says_so():
             other.cancel()
             other.wait(bigmrun.State.STOPPED, 10)
     finally:
-        for _ in range(50):
-            try:
-                os.rmdir(cg)
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.1)
+        _remove_cgroup(cg)
 
 
 def test_plain_sigkill_is_not_reported_as_oom(tmp_path):
@@ -76,64 +81,33 @@ def test_oom_killed_ssh_machine_is_reported_as_out_of_memory():
     """On a host where the kernel log is closed to the login user (as here), the OOM
     killer's mark is the host's OOM-kill count rising while the machine ran."""
     import pwd
-    import shutil
-    import tempfile
 
     from bigmrun.backends.ssh import SSHSystem
-    from bigmrun.testing.sshd import DEFAULT_USER, Keys, SSHServer, Unavailable, check_available
+    from bigmrun.testing.sshd import DEFAULT_USER
 
-    try:
-        check_available()
-    except Unavailable as e:
-        pytest.skip(f"real OpenSSH server unavailable here: {e}")
-    cg = _child_cgroup()
-    pw = pwd.getpwnam(DEFAULT_USER)
-    for name in os.listdir(cg):  # let the login user move itself in and set the limit
-        with contextlib.suppress(OSError):
-            os.chown(os.path.join(cg, name), pw.pw_uid, pw.pw_gid)
-    keys = Keys.make()
-    base = tempfile.mkdtemp(prefix="bigmrun-test-oom-ssh-")
-    os.chmod(base, 0o755)
-    cache = os.path.join(base, "hostcache")
-    os.makedirs(cache)
-    os.chown(cache, pw.pw_uid, pw.pw_gid)
-    server = SSHServer(keys, env={"BIGMRUN_CACHE": cache})
-    try:
-        server.start()
-        known = os.path.join(keys.dir, "known_hosts")
-        with open(known, "w") as f:
-            f.write(server.known_hosts_line())
-        system = SSHSystem(hosts=server.target, key_filename=keys.client_key,
-                           known_hosts=known, procs_per_host=2, keepalive_timeout=20)
-        with bigmrun.start(system) as b:
-            m, other = b.start(2, services={"H": Hog()})
-            for x in (m, other):
-                assert x.wait(bigmrun.State.RUNNING, 300) == bigmrun.State.RUNNING, x.err
-            with pytest.raises(bigmrun.BigmrunError):
-                m.call("H.eat", cg, 96 * 2**20, timeout=120)
-            assert m.wait(bigmrun.State.STOPPED, 30) == bigmrun.State.STOPPED
-            assert "OOM killer" in str(m.err) and "out of memory" in str(m.err), str(m.err)
-            assert getattr(m.err, "oom", False) is True
-            assert other.call("Supervisor.ping") == "m1"
-            # A machine the driver stops is not called an OOM kill, even on this host.
-            other.cancel()
-            other.wait(bigmrun.State.STOPPED, 30)
-            assert "OOM" not in str(other.err)
-    finally:
-        server.stop()
-        import psutil
-
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if p.pid != os.getpid() and cache in " ".join(p.info["cmdline"] or ()):
-                    p.kill()
-        shutil.rmtree(base, ignore_errors=True)
-        keys.cleanup()
-        for _ in range(50):
-            try:
-                os.rmdir(cg)
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.1)
+    with loopback_ssh("bigmrun-test-oom-ssh-") as ssh:
+        cg = _child_cgroup()
+        try:
+            pw = pwd.getpwnam(DEFAULT_USER)
+            for name in os.listdir(cg):  # the login user may move itself in, set the limit
+                with contextlib.suppress(OSError):
+                    os.chown(os.path.join(cg, name), pw.pw_uid, pw.pw_gid)
+            system = SSHSystem(hosts=ssh.server.target, key_filename=ssh.keys.client_key,
+                               known_hosts=ssh.known_hosts, procs_per_host=2,
+                               keepalive_timeout=20)
+            with bigmrun.start(system) as b:
+                m, other = b.start(2, services={"H": Hog()})
+                for x in (m, other):
+                    assert x.wait(bigmrun.State.RUNNING, 300) == bigmrun.State.RUNNING, x.err
+                with pytest.raises(bigmrun.BigmrunError):
+                    m.call("H.eat", cg, 96 * 2**20, timeout=120)
+                assert m.wait(bigmrun.State.STOPPED, 30) == bigmrun.State.STOPPED
+                assert "OOM killer" in str(m.err) and "out of memory" in str(m.err), str(m.err)
+                assert getattr(m.err, "oom", False) is True
+                assert other.call("Supervisor.ping") == "m1"
+                # A machine the driver stops is not called an OOM kill, even on this host.
+                other.cancel()
+                other.wait(bigmrun.State.STOPPED, 30)
+                assert "OOM" not in str(other.err)
+        finally:
+            _remove_cgroup(cg)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import hashlib
 import math
 import os
@@ -34,6 +33,7 @@ import psutil
 import pytest
 from conftest import record_figure
 from reliability_services import CirclePI, Worker
+from sshhost import loopback_ssh
 
 import bigmrun
 from bigmrun import State
@@ -344,53 +344,24 @@ def test_bigpi_under_a_chaos_monkey() -> None:
 
 
 def test_driver_sigkill_ssh_machines_gone_within_keepalive(tmp_path: Path) -> None:
-    import pwd
-    import shutil
-    import tempfile
-
-    from bigmrun.testing.sshd import DEFAULT_USER, Keys, SSHServer, Unavailable, check_available
-
-    try:
-        check_available()
-    except Unavailable as e:
-        pytest.skip(f"real OpenSSH server unavailable here: {e}")
     keepalive = 2.0
-    keys = Keys.make()
-    base = tempfile.mkdtemp(prefix="bigmrun-test-rel-ssh-", dir="/dev/shm"
-                            if os.path.isdir("/dev/shm") else None)
-    os.chmod(base, 0o755)
-    cache = os.path.join(base, "hostcache")
-    os.makedirs(cache)
-    pw = pwd.getpwnam(DEFAULT_USER)
-    os.chown(cache, pw.pw_uid, pw.pw_gid)
-    server = SSHServer(keys, env={"BIGMRUN_CACHE": cache})
-    try:
-        server.start()
-        known = os.path.join(keys.dir, "known_hosts")
-        Path(known).write_text(server.known_hosts_line())
+    with loopback_ssh("bigmrun-test-rel-ssh-") as ssh:
         script = tmp_path / "driver.py"
         script.write_text(DRIVER.format(system=None, keepalive=keepalive, n=None))
         env = child_env()
-        env.update(BIGMRUN_CACHE=os.path.join(base, "drivercache"),
-                   BIGMRUN_CONFIG=os.path.join(base, "no-config.toml"), NO_COLOR="1")
+        env.update(BIGMRUN_CACHE=os.path.join(ssh.base, "drivercache"),
+                   BIGMRUN_CONFIG=os.path.join(ssh.base, "no-config.toml"), NO_COLOR="1")
         env.pop("SSH_AUTH_SOCK", None)
         env.pop("PYTHONPATH", None)
-        cmd = [sys.executable, "-m", "bigmrun", "--system", "ssh", "--hosts", server.target,
-               "--ssh-key", keys.client_key, "--known-hosts", known, "--nmach", "1",
-               "--keepalive-timeout", str(keepalive), str(script)]
+        cmd = [sys.executable, "-m", "bigmrun", "--system", "ssh", "--hosts",
+               ssh.server.target, "--ssh-key", ssh.keys.client_key, "--known-hosts",
+               ssh.known_hosts, "--nmach", "1", "--keepalive-timeout", str(keepalive),
+               str(script)]
         # The first driver uploads and extracts the package on the host; time it apart.
         driver_kill_trials(lambda k: cmd, trials=1, batch=1, keepalive=keepalive,
                            env=env, cwd=tmp_path, up=150)
         times = driver_kill_trials(lambda k: cmd, trials=20, batch=10, keepalive=keepalive,
                                    env=env, cwd=tmp_path, up=120)
-    finally:
-        server.stop()
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if p.pid != os.getpid() and cache in " ".join(p.info["cmdline"] or ()):
-                    p.kill()
-        shutil.rmtree(base, ignore_errors=True)
-        keys.cleanup()
     record_figure("driver_sigkill_ssh_trials", f"{len(times)}/20 all gone")
     record_figure("driver_sigkill_ssh_max_s", round(max(times), 3))
     assert len(times) == 20
@@ -418,34 +389,14 @@ def test_chaos_does_not_outlive_its_session() -> None:
 
 
 def test_machine_sigkill_mid_call_ssh_fails_within_keepalive() -> None:
-    import pwd
-    import shutil
-    import tempfile
-
     from bigmrun.backends.ssh import SSHSystem
-    from bigmrun.testing.sshd import DEFAULT_USER, Keys, SSHServer, Unavailable, check_available
 
-    try:
-        check_available()
-    except Unavailable as e:
-        pytest.skip(f"real OpenSSH server unavailable here: {e}")
     keepalive = 5.0
-    keys = Keys.make()
-    base = tempfile.mkdtemp(prefix="bigmrun-test-rel-ssh-kill-", dir="/dev/shm"
-                            if os.path.isdir("/dev/shm") else None)
-    os.chmod(base, 0o755)
-    cache = os.path.join(base, "hostcache")
-    os.makedirs(cache)
-    pw = pwd.getpwnam(DEFAULT_USER)
-    os.chown(cache, pw.pw_uid, pw.pw_gid)
-    server = SSHServer(keys, env={"BIGMRUN_CACHE": cache})
     times: list[float] = []
-    try:
-        server.start()
-        known = os.path.join(keys.dir, "known_hosts")
-        Path(known).write_text(server.known_hosts_line())
-        system = SSHSystem(hosts=server.target, key_filename=keys.client_key,
-                           known_hosts=known, procs_per_host=3, keepalive_timeout=keepalive)
+    with loopback_ssh("bigmrun-test-rel-ssh-kill-") as ssh:
+        system = SSHSystem(hosts=ssh.server.target, key_filename=ssh.keys.client_key,
+                           known_hosts=ssh.known_hosts, procs_per_host=3,
+                           keepalive_timeout=keepalive)
         with bigmrun.start(system) as b:
             ms = b.start(3, services={"W": Worker()})
             for m in ms:
@@ -464,14 +415,6 @@ def test_machine_sigkill_mid_call_ssh_fails_within_keepalive() -> None:
                     assert isinstance(e, MachineLostError), repr(e)
                     assert m.name in str(e), str(e)
                 assert m.state == State.STOPPED
-    finally:
-        server.stop()
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if p.pid != os.getpid() and cache in " ".join(p.info["cmdline"] or ()):
-                    p.kill()
-        shutil.rmtree(base, ignore_errors=True)
-        keys.cleanup()
     record_figure("machine_sigkill_ssh_trials", len(times))
     record_figure("machine_sigkill_ssh_max_s", round(max(times), 3))
     assert len(times) == 3
