@@ -11,9 +11,12 @@ from __future__ import annotations
 import abc
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..rpc._tls import Leaf
+
+if TYPE_CHECKING:
+    from ..bootstrap.program import Program
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,17 @@ class System(abc.ABC):
     #: Extra time ``B.shutdown`` allows :meth:`shutdown` (seconds): EC2 waits there for
     #: its instances to terminate before deleting their security group.
     shutdown_timeout: float = 0.0
+
+    #: What machines run (None: this program, found on first use).
+    _program: Program | None = None
+
+    def program(self) -> Program:
+        """The command line that runs this program again as a machine."""
+        if self._program is None:
+            from ..bootstrap.program import current_program
+
+            self._program = current_program()
+        return self._program
 
     @abc.abstractmethod
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:

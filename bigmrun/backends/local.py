@@ -27,7 +27,7 @@ import time
 from collections import deque
 from typing import IO, Any
 
-from ..bootstrap.program import Program, current_program
+from ..bootstrap.program import Program
 from ..errors import MachineLostError, StartError
 from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 from ._oom import oom_kill_count, was_oom_killed
@@ -126,11 +126,6 @@ class LocalSystem(System):
         self.start_timeout = start_timeout
         self._program = program
         self._handles: list[LocalHandle] = []
-
-    def program(self) -> Program:
-        if self._program is None:
-            self._program = current_program()
-        return self._program
 
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
         loop = asyncio.get_running_loop()

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..bootstrap import remote
 from ..bootstrap.package import Package, build_for, split_program
-from ..bootstrap.program import Program, current_program
+from ..bootstrap.program import Program
 from ..errors import ConfigError, MachineLostError, StartError
 from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 from ._sshconn import HostSpec, SSHHost, parse_hosts
@@ -249,11 +249,6 @@ class SSHSystem(System):
             if self._package is None:
                 self._package = build_for(self.program())
             return self._package
-
-    def program(self) -> Program:
-        if self._program is None:
-            self._program = current_program()
-        return self._program
 
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
         loop = asyncio.get_running_loop()
