@@ -203,7 +203,9 @@ class SSHSystem(System):
     """
 
     name = "ssh"
-    exit_grace = 2.0  # the log follower polls the process every 0.2 s, over SSH
+    # The log follower polls the process every 0.2 s, then checks the host over SSH
+    # (is it alive, did the OOM killer strike): a few round trips after the death.
+    exit_grace = 5.0
 
     def __init__(self, hosts: str | list[str] | None = None, procs_per_host: int | None = None,
                  python: str | None = None, key_filename: str | None = None,
