@@ -259,12 +259,15 @@ class Flaky:
             conns = list(sup.server.connections)
             loop = bigmrun._loop.get_loop()
 
+            dropped = threading.Event()
+
             def drop() -> None:
                 for c in conns:
                     c.abort(ConnectionAbortedError("dropped by the Flaky test service"))
+                dropped.set()
 
             loop.call_soon_threadsafe(drop)
-            # The reply is scheduled after the abort on the same loop: it is never sent.
+            dropped.wait(10)  # the connection is gone before the reply: it is never sent
         return n
 
     def count(self, token: str) -> int:

@@ -206,9 +206,21 @@ class ClientConnection(BaseConnection):
         if call is not None:  # the generator is done: so are the arguments it streamed
             self._stop_streams(call, CallCancelledError(f"{call.method} is over"))
 
+    def take_pending(self) -> list[PendingCall]:
+        """Remove and return every pending call. Atomic per call (``popitem``), so a call
+        added by another thread meanwhile is either taken here or still in ``pending``
+        for its sender to find (see ``Machine._send_direct``)."""
+        taken = []
+        pending = self.pending
+        while pending:
+            try:
+                taken.append(pending.popitem()[1])
+            except KeyError:  # emptied by another thread meanwhile
+                break
+        return taken
+
     def lost(self, exc: BaseException) -> None:
-        pending = list(self.pending.values())
-        self.pending.clear()
+        pending = self.take_pending()
         self.reply_args.clear()  # their credits were closed with the connection
         self._on_lost(self, exc, pending)
 

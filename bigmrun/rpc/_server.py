@@ -33,6 +33,7 @@ from ._connection import BaseConnection
 from ._dedup import Dedup
 from ._stats import RpcStats
 from ._streams import Credit, Inbox, StreamReader, asend_with_credit, send_with_credit
+from ._transport import Listener
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,14 @@ class ServerConnection(BaseConnection):
                 self._stream_sync(run, result)
                 return
             payload = dumps(result, f"reply of {run.method}")
-            loop.call_soon_threadsafe(self._respond, run, payload)
+            if run.rid is None and not run.streams and self.faults is None:
+                # Nothing of the loop's to update: reply from this thread (the transport
+                # is thread-safe), sparing the loop thread a wake-up per call.
+                if self.running.pop(run.sid, None) is run:
+                    self._record(run, True, len(payload))
+                    self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
+            else:
+                loop.call_soon_threadsafe(self._respond, run, payload)
         except BaseException as e:
             self._fail_threadsafe(run, e)
         finally:
@@ -322,19 +330,17 @@ class Server:
         self.connections: set[ServerConnection] = set()
         self.stats = RpcStats()
         self.dedup = Dedup()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: Listener | None = None
         self.host = ""
         self.port = 0
 
     async def start(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        self._server = Listener(
             lambda: ServerConnection(self.dispatcher, self.executor, self.b, self.connections,
                                      self.stats, self.dedup),
-            host, port, ssl=ctx, ssl_handshake_timeout=10.0, backlog=1024,
+            ctx,
         )
-        sock = self._server.sockets[0]
-        self.host, self.port = sock.getsockname()[:2]
+        self.host, self.port = await self._server.listen(host, port)
 
     def abort_all(self) -> None:
         """Close the listener and drop every connection at once (as a crash would)."""
