@@ -6,8 +6,11 @@ value just as a real cluster would). Services are unpickled into fresh objects, 
 state is shared with the driver by accident. ``kill(machine)`` drops a machine at once,
 as a crash would.
 
-In-process machines share the process's environment and standard streams: the
-``env`` given to ``B.start`` is not applied to them (use the local system for that).
+In-process machines share the process's environment: the ``env`` given to ``B.start``
+is not applied to them (use the local system for that). They share its standard streams
+too, but what a machine's code writes to ``sys.stdout`` or ``sys.stderr`` is captured
+per machine (see ``_capture``) and reaches the driver's output prefixed with the
+machine's name, as a local machine's does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import asyncio
 import os
 from typing import Any
 
+from .._supervisor import Supervisor
 from ..errors import ConfigError, MachineLostError
+from ..rpc._server import Handler
+from . import _capture
 from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 
 
@@ -27,10 +33,13 @@ class TestHandle(MachineHandle):
         self.maxprocs = os.cpu_count() or 1
         self.exited = loop.create_future()
         self.supervisor: Any = None
+        self.b: Any = None  # the machine's own B, whose output is captured
 
     def end(self, message: str) -> None:
         if self.supervisor is not None:
             self.supervisor.kill()
+        if self.b is not None:
+            _capture.unregister(self.b)
         if not self.exited.done():
             self.exited.set_result(MachineLostError(message, machine=self.name))
 
@@ -39,6 +48,16 @@ class TestHandle(MachineHandle):
 
     def describe(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "in_process": True}
+
+
+class _TestSupervisor(Supervisor):
+    """A supervisor that keeps its machine's output captured (see ``_capture``)."""
+
+    def lookup(self, method: str) -> Handler:
+        # Each call checks that sys.stdout/sys.stderr still capture this machine's output
+        # (pytest, for one, swaps them back between a test's setup and its body).
+        _capture.ensure()
+        return super().lookup(method)
 
 
 class TestSystem(System):
@@ -56,7 +75,6 @@ class TestSystem(System):
 
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
         from .._session import B
-        from .._supervisor import Supervisor
 
         loop = asyncio.get_running_loop()
         handle = TestHandle(spec.name, loop)
@@ -66,13 +84,15 @@ class TestSystem(System):
         def on_exit(code: int, reason: str) -> None:
             handle.end(f"machine {spec.name} exited: {reason}")
 
-        sup = Supervisor(spec.name, spec.leaf, spec.keepalive_timeout, b, on_exit,
-                         threads=64, chaos=bool(spec.system.get("chaos")))
+        sup = _TestSupervisor(spec.name, spec.leaf, spec.keepalive_timeout, b, on_exit,
+                              threads=64, chaos=bool(spec.system.get("chaos")))
         b._attach_supervisor(sup)
         handle.supervisor = sup
         host, port = await sup.start("127.0.0.1", 0)
         handle.addr = f"{host}:{port}"
         self._handles[spec.name] = handle
+        handle.b = b
+        _capture.register(b, spec.name, output)
         return handle
 
     def kill(self, machine: Any) -> None:
