@@ -105,4 +105,4 @@ def cancelled() -> bool:
     methods are cancelled directly (they receive ``asyncio.CancelledError``).
     """
     state = current_call.get()
-    return state is not None and state.cancelled.is_set()
+    return state is not None and state.is_cancelled()

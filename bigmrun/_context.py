@@ -17,14 +17,34 @@ current_b: contextvars.ContextVar[B | None] = contextvars.ContextVar("bigmrun_b"
 process_b: list[Any] = [None]
 
 
+_EVENT_LOCK = threading.Lock()
+
+
 class CallState:
     """What a running service call can learn about itself."""
 
-    __slots__ = ("cancelled", "method")
+    __slots__ = ("_cancelled", "method")
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self.cancelled = threading.Event()
+        self._cancelled: threading.Event | None = None
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set once the caller cancelled the call (made on first use: most calls never
+        look)."""
+        ev = self._cancelled
+        if ev is None:
+            with _EVENT_LOCK:
+                ev = self._cancelled
+                if ev is None:
+                    ev = self._cancelled = threading.Event()
+        return ev
+
+    def is_cancelled(self) -> bool:
+        """``cancelled.is_set()``, without making the event."""
+        ev = self._cancelled
+        return ev is not None and ev.is_set()
 
 
 current_call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(

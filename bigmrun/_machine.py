@@ -338,14 +338,21 @@ class Machine:
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               timeout: float | None, rid: str | None) -> Any:
-        fut = self._submit(method, args, kwargs, timeout, rid)
+        sid, payload, sources = self._prepare(method, args, kwargs, rid)
+        waiter = _Waiter()
+        if sources or timeout is not None or not self._send_direct(sid, method, payload,
+                                                                   waiter.resolve):
+            _loop.get_loop().call_soon_threadsafe(
+                self._dispatch, sid, method, payload, sources, waiter.resolve, timeout,
+                waiter.abandoned)
         try:
-            return fut.result()
-        except BaseException as e:
-            if not fut.done():  # interrupted (KeyboardInterrupt): cancel remotely
-                fut.cancel()
-            if isinstance(e, concurrent.futures.CancelledError):
-                raise CallCancelledError(f"{method} on {self.name} was cancelled") from None
+            return waiter.wait()
+        except BaseException:
+            if waiter.abandon():  # interrupted (KeyboardInterrupt): cancel remotely
+                try:
+                    _loop.get_loop().call_soon_threadsafe(self._cancel_sid, sid)
+                except RuntimeError:  # the loop is closed: nothing to cancel
+                    pass
             raise
 
     async def acall(self, method: str, *args: Any, timeout: float | None = None,
@@ -367,8 +374,10 @@ class Machine:
                 except RuntimeError:  # the caller's loop is closed: nobody waits
                     _close_reply(ok, value)
 
-            loop.call_soon_threadsafe(self._dispatch, sid, method, payload, sources,
-                                      resolve, timeout, fut.done)
+            if sources or timeout is not None or not self._send_direct(sid, method, payload,
+                                                                       resolve):
+                loop.call_soon_threadsafe(self._dispatch, sid, method, payload, sources,
+                                          resolve, timeout, fut.done)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -594,6 +603,44 @@ class Machine:
                     lost.__cause__ = e
                     self._stop(lost)
                     return
+
+
+class _Waiter:
+    """What a blocking :meth:`Machine.call` waits on: cheaper than a
+    ``concurrent.futures.Future`` (one lock, no condition, no callbacks)."""
+
+    __slots__ = ("_given_up", "_lock", "_ok", "_resolved", "_value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._ok = False
+        self._value: Any = None
+        self._resolved = False
+        self._given_up = False
+
+    def resolve(self, ok: bool, value: Any) -> None:
+        """Called once (by the loop, or the sender on a broken connection)."""
+        if self._given_up:
+            _close_reply(ok, value)
+            return
+        self._ok, self._value = ok, value
+        self._resolved = True
+        self._lock.release()
+
+    def wait(self) -> Any:
+        self._lock.acquire()
+        if self._ok:
+            return self._value
+        raise self._value
+
+    def abandoned(self) -> bool:
+        return self._given_up
+
+    def abandon(self) -> bool:
+        """Give up waiting; True if no reply had come yet."""
+        self._given_up = True
+        return not self._resolved
 
 
 class _Once:

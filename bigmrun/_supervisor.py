@@ -38,7 +38,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import _loop
@@ -47,6 +46,7 @@ from .errors import NoSuchMethodError, SerializationError
 from .rpc._codec import loads
 from .rpc._server import Dispatcher, Handler, Server
 from .rpc._tls import Leaf, server_context
+from .rpc._workers import Workers
 
 #: Worker threads serving regular (``def``) method calls on one machine.
 DEFAULT_CALL_THREADS = 256
@@ -208,7 +208,7 @@ class Supervisor(Dispatcher):
         self.leaf = leaf
         self.b = b
         self.watchdog = Watchdog(keepalive_timeout, clock)
-        self.executor = ThreadPoolExecutor(threads, thread_name_prefix=f"bigmrun-{name}")
+        self.executor = Workers(threads, name=f"bigmrun-{name}")
         self.services: dict[str, Any] = {"Supervisor": SupervisorService(self)}
         self._handlers: dict[str, Handler] = {}
         self._on_exit = on_exit
@@ -332,7 +332,7 @@ class Supervisor(Dispatcher):
         if self._watch_task is not None:
             self._watch_task.cancel()
         self.server.abort_all()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
 
 
 def _checked(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -352,10 +352,10 @@ def _checked(fn: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(fn):
         async def acheck(*args: Any, **kwargs: Any) -> Any:
             try:
-                sig.bind(*args, **kwargs)
+                coro = fn(*args, **kwargs)  # binds the arguments; runs none of the body
             except TypeError as e:
                 raise explain(args, kwargs, e) from None
-            return await fn(*args, **kwargs)
+            return await coro
 
         return acheck
     if inspect.isasyncgenfunction(fn):

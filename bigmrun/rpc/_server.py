@@ -14,7 +14,6 @@ import inspect
 import ssl
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from ._dedup import Dedup
 from ._stats import RpcStats
 from ._streams import Credit, Inbox, StreamReader, asend_with_credit, send_with_credit
 from ._transport import Listener
+from ._workers import Workers
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class _Running:
 class ServerConnection(BaseConnection):
     """Serves calls from one authenticated peer."""
 
-    def __init__(self, dispatcher: Dispatcher, executor: Executor, b: Any,
+    def __init__(self, dispatcher: Dispatcher, executor: Workers, b: Any,
                  connections: set[ServerConnection] | None = None,
                  stats: RpcStats | None = None, dedup: Dedup | None = None) -> None:
         super().__init__()
@@ -165,7 +165,7 @@ class ServerConnection(BaseConnection):
         if handler.is_async or handler.is_asyncgen:
             run.task = self.loop.create_task(self._run_async(run, handler, args, kwargs))
         else:
-            self.executor.submit(self._run_sync, run, handler.fn, args, kwargs)
+            self.executor.run(self._run_sync, run, handler.fn, args, kwargs)
 
     def _attach_streams(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                         ids: list[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -206,7 +206,7 @@ class ServerConnection(BaseConnection):
             current_b.reset(b_token)
 
     def _fail_threadsafe(self, run: _Running, e: BaseException) -> None:
-        kind = KIND_CANCELLED if run.state.cancelled.is_set() else None
+        kind = KIND_CANCELLED if run.state.is_cancelled() else None
         try:
             self.loop.call_soon_threadsafe(self._fail, run, encode_error(e, kind))
         except RuntimeError:  # loop closed: the machine is exiting
@@ -267,7 +267,7 @@ class ServerConnection(BaseConnection):
 
         try:
             for item in gen:
-                if run.state.cancelled.is_set():
+                if run.state.is_cancelled():
                     break
                 send_with_credit(run.credit, dumps(item, f"an item of {run.method}"), send)
             else:
@@ -276,7 +276,7 @@ class ServerConnection(BaseConnection):
         except CallCancelledError:
             pass
         except BaseException as e:
-            if not run.state.cancelled.is_set():
+            if not run.state.is_cancelled():
                 loop.call_soon_threadsafe(self._end_stream, run, encode_error(e))
                 return
         finally:
@@ -293,7 +293,7 @@ class ServerConnection(BaseConnection):
             result = await handler.fn(*args, **kwargs)
             self._respond(run, dumps(result, f"reply of {run.method}"))
         except asyncio.CancelledError:
-            if not run.state.cancelled.is_set():
+            if not run.state.is_cancelled():
                 raise
         except BaseException as e:
             self._fail(run, encode_error(e))
@@ -312,7 +312,7 @@ class ServerConnection(BaseConnection):
                                         send)
             self._end_stream(run, None)
         except (asyncio.CancelledError, CallCancelledError):
-            if not run.state.cancelled.is_set():
+            if not run.state.is_cancelled():
                 raise
         except BaseException as e:
             self._end_stream(run, encode_error(e))
@@ -323,7 +323,7 @@ class ServerConnection(BaseConnection):
 class Server:
     """A listening TLS endpoint serving one dispatcher; tracks its live connections."""
 
-    def __init__(self, dispatcher: Dispatcher, executor: Executor, b: Any) -> None:
+    def __init__(self, dispatcher: Dispatcher, executor: Workers, b: Any) -> None:
         self.dispatcher = dispatcher
         self.executor = executor
         self.b = b

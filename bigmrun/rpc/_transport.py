@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("bigmrun.rpc")
 
@@ -36,6 +36,7 @@ DEFAULT_HIGH_WATER = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+_P = TypeVar("_P", bound=asyncio.Protocol)
 
 
 class TlsTransport(asyncio.Transport):
@@ -389,10 +390,9 @@ def _nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def connect(factory: ProtocolFactory, host: str, port: int, ctx: ssl.SSLContext,
+async def connect(factory: Callable[[], _P], host: str, port: int, ctx: ssl.SSLContext,
                   server_hostname: str | None = None,
-                  handshake_timeout: float = HANDSHAKE_TIMEOUT
-                  ) -> tuple[TlsTransport, asyncio.Protocol]:
+                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> tuple[TlsTransport, _P]:
     """Connect to ``host:port``, complete the TLS handshake, start ``factory()``."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
