@@ -232,10 +232,7 @@ def _is_bytes(x: Any) -> bool:
 def _pump(conn: ClientConnection, sid: int, source: Any, credit: Credit, method: str) -> None:
     """Stream one argument out, within the credit the machine grants (own thread)."""
     loop = conn.loop
-
-    def send(part: bytes, more: bool) -> None:
-        loop.call_soon_threadsafe(conn.write_data, sid, part)
-
+    send = conn.data_sender(sid)
     try:
         if hasattr(source, "read"):
             while True:

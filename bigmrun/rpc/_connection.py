@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import NetworkError, ProtocolError
@@ -145,9 +146,31 @@ class BaseConnection(asyncio.Protocol):
 
         return send_credit
 
+    def data_sender(self, stream_id: int, items: bool = False,
+                    direct: bool = True) -> Callable[[bytes, bool], None]:
+        """A function ``send(part, more)`` that sends DATA of ``stream_id`` from any
+        thread: straight to the transport while the link has no faults, through the loop
+        once it has had (or from the start if not ``direct``), so that parts never
+        overtake each other. ``items``: mark parts of a reply item (FLAG_MORE)."""
+        loop = self.loop
+        via_loop = not direct
+
+        def send(part: bytes, more: bool) -> None:
+            nonlocal via_loop
+            flags = P.FLAG_MORE if items and more else 0
+            if not via_loop and self.faults is None:
+                self.write_data(stream_id, part, flags)
+            else:
+                via_loop = True
+                loop.call_soon_threadsafe(self.write_data, stream_id, part, flags)
+
+        return send
+
     def write_data(self, stream_id: int, data: bytes, flags: int = 0) -> None:
         tally = self._tx.get(stream_id)
         if tally is None:
+            if stream_id not in self.credits:
+                return  # a stream that ended or was given up on: nothing more goes out
             tally = self._tx[stream_id] = [0, 0]
         tally[0] += len(data)
         tally[1] = zlib.crc32(data, tally[1])
@@ -155,9 +178,8 @@ class BaseConnection(asyncio.Protocol):
             self.faults.send(self, P.encode_header(P.DATA, stream_id, len(data), flags) + data)
             return
         t = self.transport
-        if t is not None:
-            t.write(P.encode_header(P.DATA, stream_id, len(data), flags))
-            t.write(data)
+        if t is not None:  # one write: header and payload are never split by another's
+            t.writelines((P.encode_header(P.DATA, stream_id, len(data), flags), data))
 
     def forget_stream(self, stream_id: int) -> None:
         """Drop the integrity tallies of a stream that was given up on."""

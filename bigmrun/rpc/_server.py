@@ -260,11 +260,14 @@ class ServerConnection(BaseConnection):
         loop = self.loop
         sid = run.sid
         run.credit = Credit()
-        loop.call_soon_threadsafe(self._open_stream, run)
-
-        def send(part: bytes, more: bool) -> None:
-            loop.call_soon_threadsafe(self.write_data, sid, part, P.FLAG_MORE if more else 0)
-
+        # The stream's RESPONSE must go before its first item: from this thread when the
+        # items can go from it too, else both through the loop.
+        direct = run.rid is None and self.faults is None
+        if direct:
+            self._open_stream(run)
+        else:
+            loop.call_soon_threadsafe(self._open_stream, run)
+        send = self.data_sender(sid, items=True, direct=direct)
         try:
             for item in gen:
                 if run.state.is_cancelled():

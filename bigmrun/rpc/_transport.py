@@ -155,28 +155,28 @@ class TlsTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt and send ``data`` (thread-safe; frames written whole stay whole)."""
-        if not data:
-            return
-        pause = False
+        if data:
+            self.writelines((data,))
+
+    def writelines(self, list_of_data: Any) -> None:
+        """Write several buffers as one: no other thread's write comes between them."""
         with self._lock:
             if self._closing or self._done:
                 return
-            view = memoryview(data)
             try:
-                while view:
-                    n = self._ssl.write(view)
-                    view = view[n:]
+                for data in list_of_data:
+                    view = memoryview(data)
+                    while view:
+                        n = self._ssl.write(view)
+                        view = view[n:]
             except (ssl.SSLError, OSError) as e:
                 self._fatal_threadsafe(e)
                 return
             self._send_locked(self._out.read())
-            if self._wbuf_size > self._high and not self._paused:
-                self._paused = pause = True
-        if pause and self._protocol is not None:
-            self._protocol.pause_writing()
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
+            if self._wbuf_size > self._high and not self._paused and self._protocol:
+                # Under the lock, so that a resume from the loop cannot come first.
+                self._paused = True
+                self._protocol.pause_writing()
 
     def _send_locked(self, out: bytes) -> None:
         if not out:
@@ -208,7 +208,7 @@ class TlsTransport(asyncio.Transport):
             self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:
-        resume = finish = False
+        finish = False
         error: BaseException | None = None
         with self._lock:
             wbuf = self._wbuf
@@ -232,14 +232,13 @@ class TlsTransport(asyncio.Transport):
                 self._writer_on = False
                 self._loop.remove_writer(self._fd)
                 finish = self._closing
-            if self._paused and self._wbuf_size <= self._low:
+            if self._paused and self._wbuf_size <= self._low and error is None:
                 self._paused = False
-                resume = True
+                if self._protocol is not None:
+                    self._protocol.resume_writing()  # sets futures: nothing runs here
         if error is not None:
             self._fatal(error)
             return
-        if resume and self._protocol is not None and not self._done:
-            self._protocol.resume_writing()
         if finish:
             self._finish(None)
 
