@@ -191,9 +191,12 @@ class ServerConnection(BaseConnection):
                 self._stream_sync(run, result)
                 return
             payload = dumps(result, f"reply of {run.method}")
-            if run.rid is None and not run.streams and self.faults is None:
-                # Nothing of the loop's to update: reply from this thread (the transport
-                # is thread-safe), sparing the loop thread a wake-up per call.
+            if (run.rid is None and not run.streams and self.faults is None
+                    and len(self.running) == 1):
+                # The only call running, with nothing of the loop's to update: reply from
+                # this thread (the transport is thread-safe), sparing the loop thread a
+                # wake-up. With several calls running, the loop's one thread writes
+                # their replies faster than the workers taking turns at the socket.
                 if self.running.pop(run.sid, None) is run:
                     self._record(run, True, len(payload))
                     self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
