@@ -2,8 +2,10 @@
 
 All connections, servers and timers of bigmrun live on this loop; user threads hand it
 work with :func:`submit` (or ``loop.call_soon_threadsafe``) and wait on
-``concurrent.futures`` futures. Keeping I/O on one thread makes the RPC layer free of
-locks, and lets many user threads share a connection.
+``concurrent.futures`` futures. The loop reads every connection and keeps the RPC
+layer's state; the one thing other threads do themselves is *write* a whole frame
+(``rpc._transport``: a call's request when its connection is idle, a reply from the
+worker that made it), which spares the loop thread a wake-up on each call.
 """
 
 from __future__ import annotations
