@@ -241,6 +241,15 @@ def main() -> None:
             if want("bulk"):
                 measure_bulk(m, min(16, args.bulk_mib))  # warm up, as the floor does
                 results.update(measure_bulk(m, args.bulk_mib))
+    if want("rt"):
+        # The same round trips with the local system's pin_cpus (the driver and the
+        # machine each bound to a CPU of its own), for context.
+        with bigmrun.start("local", pin_cpus=True) as b:
+            (m,) = b.start(1, services={"Bench": Bench()})
+            if m.wait(bigmrun.State.RUNNING) != bigmrun.State.RUNNING:
+                raise SystemExit(f"machine {m.name} failed to start: {m.err}")
+            results.update(measure_rt(m, args.duration, key="rt_pinned"))
+            results.update(measure_rt(m, args.duration, "Bench.aecho", "rt_async_pinned"))
     if want("bigpi"):
         results.update(measure_bigpi(args.bigpi_samples))
     text = json.dumps(results)

@@ -402,6 +402,10 @@ def serve_forever() -> None:
     if not line:
         os._exit(2)  # the driver went away before telling us who we are
     boot = json.loads(line)
+    if boot.get("cpus"):  # the local system's pin_cpus: before any thread of ours starts
+        from .backends._affinity import pin_process
+
+        pin_process(set(boot["cpus"]))
     from ._session import B
     from .backends import system_from_boot
 

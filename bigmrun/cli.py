@@ -55,6 +55,10 @@ def _looks_like_program(arg: str) -> bool:
 SYSTEM_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("keepalive-timeout", "BIGMRUN_KEEPALIVE_TIMEOUT", click.FloatRange(min=0.5),
      "Seconds without keepalives after which a machine exits by itself [default: 10]."),
+    ("pin-cpus", "BIGMRUN_PIN_CPUS", bool,
+     "local: bind the driver and each machine process to a CPU of its own. Small calls get "
+     "~25% faster on virtual machines (a process's threads hand work over on one CPU); "
+     "each machine's maxprocs becomes 1."),
     ("hosts", "BIGMRUN_SSH_HOSTS", str,
      "ssh: hosts to run machines on, e.g. 'me@h1,h2:2222' (~/.ssh/config applies)."),
     ("procs-per-host", "BIGMRUN_PROCS_PER_HOST", click.IntRange(min=1),

@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from ..bootstrap.program import Program
 from ..errors import MachineLostError, StartError
+from . import _affinity
 from ._base import BootSpec, MachineHandle, OutputSink, System, default_keepalive_timeout
 from ._oom import oom_kill_count, was_oom_killed
 
@@ -120,12 +121,28 @@ class LocalSystem(System):
     name = "local"
 
     def __init__(self, keepalive_timeout: float | None = None, keepalive_interval: float = 1.0,
-                 start_timeout: float = 60.0, program: Program | None = None) -> None:
+                 start_timeout: float = 60.0, program: Program | None = None,
+                 pin_cpus: bool | None = None) -> None:
         self.keepalive_timeout = keepalive_timeout or default_keepalive_timeout()
         self.keepalive_interval = keepalive_interval
         self.start_timeout = start_timeout
         self._program = program
         self._handles: list[LocalHandle] = []
+        #: Bind the driver and each machine to CPUs of their own (see ``_affinity``).
+        self.pin_cpus = _affinity.pin_option(pin_cpus)
+        self._cpus = _affinity.available_cpus() if self.pin_cpus else []
+        self._started = 0
+        self._driver_affinity: dict[int, set[int]] | None = None
+
+    def _machine_cpus(self) -> list[int]:
+        """The CPUs of the next machine (empty: not pinned); pins the driver first."""
+        if not self._cpus:
+            return []
+        if self._driver_affinity is None:
+            self._driver_affinity = _affinity.pin_process({self._cpus[0]})
+        cpu = _affinity.machine_cpu(self._cpus, self._started)
+        self._started += 1
+        return [cpu]
 
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
         loop = asyncio.get_running_loop()
@@ -167,6 +184,9 @@ class LocalSystem(System):
         os.close(boot_r)
         os.close(ctl_w)
         record = spec.boot_record(bind="127.0.0.1")
+        cpus = self._machine_cpus()
+        if cpus:
+            record["cpus"] = cpus
         os.write(boot_w, (json.dumps(record) + "\n").encode())
         handle = LocalHandle(spec.name, proc, boot_w, loop, output)
         self._handles.append(handle)
@@ -176,6 +196,9 @@ class LocalSystem(System):
         for h in self._handles:
             await h.kill()
         self._handles.clear()
+        if self._driver_affinity is not None:
+            _affinity.restore(self._driver_affinity)
+            self._driver_affinity = None
 
 
 def _read_report(fd: int, handle: LocalHandle, timeout: float) -> dict[str, Any]:
