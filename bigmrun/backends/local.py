@@ -132,16 +132,18 @@ class LocalSystem(System):
         self.pin_cpus = _affinity.pin_option(pin_cpus)
         self._cpus = _affinity.available_cpus() if self.pin_cpus else []
         self._started = 0
+        self._pin_lock = threading.Lock()
         self._driver_affinity: dict[int, set[int]] | None = None
 
     def _machine_cpus(self) -> list[int]:
         """The CPUs of the next machine (empty: not pinned); pins the driver first."""
         if not self._cpus:
             return []
-        if self._driver_affinity is None:
-            self._driver_affinity = _affinity.pin_process({self._cpus[0]})
-        cpu = _affinity.machine_cpu(self._cpus, self._started)
-        self._started += 1
+        with self._pin_lock:  # machines are spawned from several threads at once
+            if self._driver_affinity is None:
+                self._driver_affinity = _affinity.pin_process({self._cpus[0]})
+            cpu = _affinity.machine_cpu(self._cpus, self._started)
+            self._started += 1
         return [cpu]
 
     async def launch(self, spec: BootSpec, output: OutputSink) -> MachineHandle:
