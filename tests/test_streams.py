@@ -507,3 +507,58 @@ def test_streamed_argument_through_the_test_system() -> None:
         assert "BigmrunError" in info.value.type_name
         # The machine keeps serving.
         assert m.call("R.read_all", iter([b"q"]), timeout=30) == 1
+
+
+class Items:
+    """Generators of items of every kind a raw-bytes fast path could confuse."""
+
+    def mixed(self) -> Any:
+        yield b""
+        yield b"raw"
+        yield bytearray(b"pickled: a bytearray stays one")
+        yield Tagged(b"a bytes subclass keeps its type")
+        yield b"\x80\x05pickle-looking raw bytes"
+        yield b"x" * (3 * CHUNK + 7)  # several DATA frames, the last one flagged raw
+        yield {"k": b"v"}
+
+    async def amixed(self) -> Any:
+        for item in self.mixed():
+            yield item
+
+
+class Tagged(bytes):
+    pass
+
+
+EXPECTED = [b"", b"raw", bytearray(b"pickled: a bytearray stays one"),
+            Tagged(b"a bytes subclass keeps its type"), b"\x80\x05pickle-looking raw bytes",
+            b"x" * (3 * CHUNK + 7), {"k": b"v"}]
+
+
+@pytest.mark.parametrize("system", ["test", "local"])
+def test_bytes_items_travel_raw_and_every_other_item_as_a_pickle(system: str) -> None:
+    with bigmrun.start(system) as b:
+        (m,) = b.start(1, services={"I": Items()})
+        assert m.wait(bigmrun.State.RUNNING, timeout=60) == bigmrun.State.RUNNING, m.err
+        for method in ("I.mixed", "I.amixed"):
+            got = list(m.call(method, timeout=60))
+            assert got == EXPECTED
+            assert [type(x) for x in got] == [type(x) for x in EXPECTED]
+
+
+def test_item_inbox_marks_raw_items() -> None:
+    spy = CreditSpy()
+    inbox = S.ItemInbox(spy)
+    inbox.put_part(b"ab", True)
+    inbox.put_part(b"cd", False, True)
+    inbox.put_part(b"\x80pickle", False)
+    raw = inbox.get()
+    assert isinstance(raw, S.RawItem) and raw.data == b"abcd"
+    assert inbox.get() == b"\x80pickle"
+
+
+def test_send_with_credit_flags_only_the_last_part_of_a_raw_item() -> None:
+    sent: list[tuple[Any, ...]] = []
+    credit = S.Credit()
+    S.send_with_credit(credit, b"z" * 10, lambda *a: sent.append(a), chunk=4, raw=True)
+    assert sent == [(b"zzzz", True), (b"zzzz", True), (b"zz", False, True)]

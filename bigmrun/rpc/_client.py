@@ -16,7 +16,7 @@ from ..errors import BigmrunError, CallCancelledError, SerializationError
 from . import _protocol as P
 from ._codec import decode_error, encode_error, loads
 from ._connection import BaseConnection
-from ._streams import CHUNK, Credit, ItemInbox, send_with_credit
+from ._streams import CHUNK, Credit, ItemInbox, RawItem, send_with_credit
 
 _ids = itertools.count(1)
 
@@ -66,6 +66,8 @@ class ReplyStream:
         if data is None:
             self._done = True
             raise StopIteration
+        if type(data) is RawItem:
+            return data.data
         return loads(data, self._what)
 
     def __aiter__(self) -> ReplyStream:
@@ -82,6 +84,8 @@ class ReplyStream:
         if data is None:
             self._done = True
             raise StopAsyncIteration
+        if type(data) is RawItem:
+            return data.data
         return loads(data, self._what)
 
     def close(self) -> None:

@@ -73,7 +73,8 @@ class BaseConnection(asyncio.Protocol):
                 tally[0] += len(f.payload)
                 tally[1] = zlib.crc32(f.payload, tally[1])
                 if isinstance(inbox, ItemInbox):
-                    inbox.put_part(f.payload, bool(f.flags & P.FLAG_MORE))
+                    inbox.put_part(f.payload, bool(f.flags & P.FLAG_MORE),
+                                   bool(f.flags & P.FLAG_RAW))
                 else:
                     inbox.put(f.payload)
             elif t == P.WINDOW:
@@ -147,17 +148,19 @@ class BaseConnection(asyncio.Protocol):
         return send_credit
 
     def data_sender(self, stream_id: int, items: bool = False,
-                    direct: bool = True) -> Callable[[bytes, bool], None]:
+                    direct: bool = True) -> Callable[..., None]:
         """A function ``send(part, more)`` that sends DATA of ``stream_id`` from any
         thread: straight to the transport while the link has no faults, through the loop
         once it has had (or from the start if not ``direct``), so that parts never
-        overtake each other. ``items``: mark parts of a reply item (FLAG_MORE)."""
+        overtake each other. ``items``: mark parts of a reply item (FLAG_MORE, and
+        FLAG_RAW on the last part of an item sent as raw bytes: ``send(part, False,
+        True)``)."""
         loop = self.loop
         via_loop = not direct
 
-        def send(part: bytes, more: bool) -> None:
+        def send(part: bytes, more: bool, raw: bool = False) -> None:
             nonlocal via_loop
-            flags = P.FLAG_MORE if items and more else 0
+            flags = (P.FLAG_MORE if more else P.FLAG_RAW if raw else 0) if items else 0
             if not via_loop and self.faults is None:
                 self.write_data(stream_id, part, flags)
             else:

@@ -71,6 +71,7 @@ FRAME_NAMES = {
 FLAG_STREAM = 0x01  # RESPONSE: the reply is a stream of DATA frames ending with END
 FLAG_ERROR = 0x02  # END: the stream failed; payload is an encoded error
 FLAG_MORE = 0x04  # DATA of a streamed reply: the item continues in the next DATA frame
+FLAG_RAW = 0x08  # DATA, an item's last part: the item is raw bytes, not a pickle
 
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 #: Payloads this large that arrive in pieces are collected as chunks (see FrameDecoder).

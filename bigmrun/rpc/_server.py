@@ -31,7 +31,14 @@ from ._codec import (
 from ._connection import BaseConnection
 from ._dedup import Dedup
 from ._stats import RpcStats
-from ._streams import Credit, Inbox, StreamReader, asend_with_credit, send_with_credit
+from ._streams import (
+    Credit,
+    Inbox,
+    StreamReader,
+    asend_with_credit,
+    encode_item,
+    send_with_credit,
+)
 from ._transport import Listener
 from ._workers import Workers
 
@@ -275,7 +282,8 @@ class ServerConnection(BaseConnection):
             for item in gen:
                 if run.state.is_cancelled():
                     break
-                send_with_credit(run.credit, dumps(item, f"an item of {run.method}"), send)
+                payload, raw = encode_item(item, f"an item of {run.method}")
+                send_with_credit(run.credit, payload, send, raw=raw)
             else:
                 loop.call_soon_threadsafe(self._end_stream, run, None)
                 return
@@ -309,13 +317,13 @@ class ServerConnection(BaseConnection):
         self._open_stream(run)
         sid = run.sid
 
-        def send(part: bytes, more: bool) -> None:
-            self.write_data(sid, part, P.FLAG_MORE if more else 0)
+        def send(part: bytes, more: bool, raw: bool = False) -> None:
+            self.write_data(sid, part, P.FLAG_MORE if more else P.FLAG_RAW if raw else 0)
 
         try:
             async for item in agen:
-                await asend_with_credit(run.credit, dumps(item, f"an item of {run.method}"),
-                                        send)
+                payload, raw = encode_item(item, f"an item of {run.method}")
+                await asend_with_credit(run.credit, payload, send, raw=raw)
             self._end_stream(run, None)
         except (asyncio.CancelledError, CallCancelledError):
             if not run.state.is_cancelled():

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import BigmrunError, CallCancelledError
+from ._codec import dumps
 
 WINDOW = 8 * 1024 * 1024  # initial credit per stream, bytes
 CHUNK = 1024 * 1024  # how much a sender reads from a file argument at a time
@@ -271,7 +272,7 @@ class ItemInbox(Inbox):
         super().__init__(send_credit)
         self._parts: list[bytes] = []
 
-    def put_part(self, payload: bytes, more: bool) -> None:
+    def put_part(self, payload: bytes, more: bool, raw: bool = False) -> None:
         if more:
             self._parts.append(payload)
             self._send_credit(len(payload))
@@ -281,7 +282,24 @@ class ItemInbox(Inbox):
             # Credit for the earlier parts was already returned; count only the last.
             self._parts.append(payload)
             payload, self._parts = b"".join(self._parts), []
-        self.put(payload, credit)
+        self.put(RawItem(payload) if raw else payload, credit)  # type: ignore[arg-type]
+
+
+class RawItem:
+    """An item of a streamed reply that was sent as raw ``bytes`` (no pickle)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def encode_item(item: Any, what: str) -> tuple[bytes, bool]:
+    """An item of a streamed reply as (payload, raw): ``bytes`` go as they are (no
+    pickling: a copy saved on each end), anything else is pickled."""
+    if type(item) is bytes:
+        return item, True
+    return dumps(item, what), False
 
 
 def stream_cancelled(what: str) -> CallCancelledError:
@@ -289,12 +307,15 @@ def stream_cancelled(what: str) -> CallCancelledError:
 
 
 def send_with_credit(
-    credit: Credit, data: bytes, send: Callable[[bytes, bool], None], chunk: int = PART
+    credit: Credit, data: bytes, send: Callable[..., None], chunk: int = PART,
+    raw: bool = False,
 ) -> None:
     """Send ``data`` in parts no larger than ``chunk`` and never beyond the credit.
 
     ``send(part, more)`` is called for each part; ``more`` is True on every part but the
-    last (a reply item is reassembled from its parts). Blocks while credit is exhausted.
+    last (a reply item is reassembled from its parts). With ``raw`` (an item that is
+    ``bytes``, not a pickle) the last part is sent as ``send(part, False, True)``.
+    Blocks while credit is exhausted.
     """
     view = memoryview(data)
     total = len(view)
@@ -304,13 +325,19 @@ def send_with_credit(
         # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
         part = data if n == total and type(data) is bytes else bytes(view[off : off + n])
         off += n
-        send(part, off < total)
-        if off >= total:
+        if off < total:
+            send(part, True)
+        elif raw:
+            send(part, False, True)
+            return
+        else:
+            send(part, False)
             return
 
 
 async def asend_with_credit(
-    credit: Credit, data: bytes, send: Callable[[bytes, bool], None], chunk: int = PART
+    credit: Credit, data: bytes, send: Callable[..., None], chunk: int = PART,
+    raw: bool = False,
 ) -> None:
     """:func:`send_with_credit` for code running on the event loop."""
     view = memoryview(data)
@@ -321,6 +348,11 @@ async def asend_with_credit(
         # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
         part = data if n == total and type(data) is bytes else bytes(view[off : off + n])
         off += n
-        send(part, off < total)
-        if off >= total:
+        if off < total:
+            send(part, True)
+        elif raw:
+            send(part, False, True)
+            return
+        else:
+            send(part, False)
             return
