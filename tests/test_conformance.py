@@ -114,6 +114,9 @@ def test_states_only_move_forward(b: bigmrun.B) -> None:
     try:
         assert m.wait(State.RUNNING, timeout=60) == State.RUNNING
         assert m.call("C.add", 2) == 2
+        # A call takes well under a millisecond: let the watcher (polling every 0.5 ms,
+        # when it gets the GIL) see RUNNING before the machine moves on.
+        wait_until(lambda: State.RUNNING in seen, timeout=PROMPT)
         m.cancel()
         assert m.wait(State.STOPPED, timeout=PROMPT) == State.STOPPED
     finally:
