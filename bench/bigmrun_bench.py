@@ -71,14 +71,25 @@ class Bench:
             sent += n
 
 
+def _running(m: bigmrun.Machine) -> bigmrun.Machine:
+    if m.wait(bigmrun.State.RUNNING) != bigmrun.State.RUNNING:
+        raise SystemExit(f"machine {m.name} failed to start: {m.err}")
+    return m
+
+
+def bench_machine(b: bigmrun.B) -> bigmrun.Machine:
+    """One machine with the Bench service, RUNNING."""
+    (m,) = b.start(1, services={"Bench": Bench()})
+    return _running(m)
+
+
 def measure_startup(n: int = 4) -> float:
     """A fresh session: time from B.start(n) to all n machines RUNNING."""
     with bigmrun.start() as b:
         t0 = time.perf_counter()
         machines = b.start(n, services={"Bench": Bench()})
         for m in machines:
-            if m.wait(bigmrun.State.RUNNING) != bigmrun.State.RUNNING:
-                raise SystemExit(f"machine {m.name} failed to start: {m.err}")
+            _running(m)
         return time.perf_counter() - t0
 
 
@@ -229,9 +240,7 @@ def main() -> None:
         results["startup_s"] = measure_startup(4)
     if want("rt") or want("pipe") or want("bulk"):
         with bigmrun.start() as b:
-            (m,) = b.start(1, services={"Bench": Bench()})
-            if m.wait(bigmrun.State.RUNNING) != bigmrun.State.RUNNING:
-                raise SystemExit(f"machine {m.name} failed to start: {m.err}")
+            m = bench_machine(b)
             if want("rt"):
                 results.update(measure_rt(m, args.duration))
                 results.update(measure_rt(m, args.duration, "Bench.aecho", "rt_async"))
@@ -245,9 +254,7 @@ def main() -> None:
         # The same round trips with the local system's pin_cpus (the driver and the
         # machine each bound to a CPU of its own), for context.
         with bigmrun.start("local", pin_cpus=True) as b:
-            (m,) = b.start(1, services={"Bench": Bench()})
-            if m.wait(bigmrun.State.RUNNING) != bigmrun.State.RUNNING:
-                raise SystemExit(f"machine {m.name} failed to start: {m.err}")
+            m = bench_machine(b)
             results.update(measure_rt(m, args.duration, key="rt_pinned"))
             results.update(measure_rt(m, args.duration, "Bench.aecho", "rt_async_pinned"))
     if want("bigpi"):

@@ -204,9 +204,7 @@ class ServerConnection(BaseConnection):
                 # this thread (the transport is thread-safe), sparing the loop thread a
                 # wake-up. With several calls running, the loop's one thread writes
                 # their replies faster than the workers taking turns at the socket.
-                if self.running.pop(run.sid, None) is run:
-                    self._record(run, True, len(payload))
-                    self.write(P.encode_frame(P.RESPONSE, run.sid, payload))
+                self._respond(run, payload)
             else:
                 loop.call_soon_threadsafe(self._respond, run, payload)
         except BaseException as e:
@@ -236,6 +234,8 @@ class ServerConnection(BaseConnection):
             self.stats.finished(run.method, ok, nbytes, time.monotonic() - run.t0)
 
     def _respond(self, run: _Running, payload: bytes) -> None:
+        """Send a call's reply (loop thread; or its worker when the call has no request
+        id and no streamed argument: then nothing here is the loop's own state)."""
         if run.rid is not None and self.dedup is not None:
             self.dedup.finish(run.rid, P.RESPONSE, payload)
         if self.running.pop(run.sid, None) is run:

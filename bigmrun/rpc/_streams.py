@@ -318,20 +318,11 @@ def send_with_credit(
     Blocks while credit is exhausted.
     """
     view = memoryview(data)
-    total = len(view)
     off = 0
     while True:
-        n = credit.take(min(chunk, total - off)) if total - off else 0
-        # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
-        part = data if n == total and type(data) is bytes else bytes(view[off : off + n])
-        off += n
-        if off < total:
-            send(part, True)
-        elif raw:
-            send(part, False, True)
-            return
-        else:
-            send(part, False)
+        n = credit.take(min(chunk, len(view) - off)) if len(view) - off else 0
+        off = _send_part(data, view, off, n, send, raw)
+        if off >= len(view):
             return
 
 
@@ -341,18 +332,24 @@ async def asend_with_credit(
 ) -> None:
     """:func:`send_with_credit` for code running on the event loop."""
     view = memoryview(data)
-    total = len(view)
     off = 0
     while True:
-        n = await credit.atake(min(chunk, total - off)) if total - off else 0
-        # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
-        part = data if n == total and type(data) is bytes else bytes(view[off : off + n])
-        off += n
-        if off < total:
-            send(part, True)
-        elif raw:
-            send(part, False, True)
+        n = await credit.atake(min(chunk, len(view) - off)) if len(view) - off else 0
+        off = _send_part(data, view, off, n, send, raw)
+        if off >= len(view):
             return
-        else:
-            send(part, False)
-            return
+
+
+def _send_part(data: bytes, view: memoryview, off: int, n: int, send: Callable[..., None],
+               raw: bool) -> int:
+    """Send the ``n`` bytes of ``data`` at ``off`` (credit already taken); the new offset."""
+    # A whole ``bytes`` goes as it is (immutable: no copy needed); parts are copied.
+    part = data if n == len(view) and type(data) is bytes else bytes(view[off : off + n])
+    off += n
+    if off < len(view):
+        send(part, True)
+    elif raw:
+        send(part, False, True)
+    else:
+        send(part, False)
+    return off
