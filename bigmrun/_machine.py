@@ -288,12 +288,19 @@ class Machine:
             if f.cancelled():
                 loop.call_soon_threadsafe(self._cancel_sid, sid)
 
-        if sources or timeout is not None or not self._send_direct(sid, method, payload,
-                                                                   resolve):
-            loop.call_soon_threadsafe(self._dispatch, sid, method, payload, sources, resolve,
-                                      timeout, fut.done)
+        self._send(sid, method, payload, sources, resolve, timeout, fut.done)
         fut.add_done_callback(on_done)
         return fut
+
+    def _send(self, sid: int, method: str, payload: bytes, sources: list[tuple[int, Any]],
+              resolve: Callable[[bool, Any], None], timeout: float | None,
+              abandoned: Callable[[], bool]) -> None:
+        """Send a prepared call (any thread but the loop's): from this thread when it
+        can (:meth:`_send_direct`), else through the loop."""
+        if sources or timeout is not None or not self._send_direct(sid, method, payload,
+                                                                   resolve):
+            _loop.get_loop().call_soon_threadsafe(
+                self._dispatch, sid, method, payload, sources, resolve, timeout, abandoned)
 
     def _send_direct(self, sid: int, method: str, payload: bytes,
                      resolve: Callable[[bool, Any], None]) -> bool:
@@ -343,11 +350,7 @@ class Machine:
               timeout: float | None, rid: str | None) -> Any:
         sid, payload, sources = self._prepare(method, args, kwargs, rid)
         waiter = _Waiter()
-        if sources or timeout is not None or not self._send_direct(sid, method, payload,
-                                                                   waiter.resolve):
-            _loop.get_loop().call_soon_threadsafe(
-                self._dispatch, sid, method, payload, sources, waiter.resolve, timeout,
-                waiter.abandoned)
+        self._send(sid, method, payload, sources, waiter.resolve, timeout, waiter.abandoned)
         try:
             return waiter.wait()
         except BaseException:
@@ -377,10 +380,7 @@ class Machine:
                 except RuntimeError:  # the caller's loop is closed: nobody waits
                     _close_reply(ok, value)
 
-            if sources or timeout is not None or not self._send_direct(sid, method, payload,
-                                                                       resolve):
-                loop.call_soon_threadsafe(self._dispatch, sid, method, payload, sources,
-                                          resolve, timeout, fut.done)
+            self._send(sid, method, payload, sources, resolve, timeout, fut.done)
         try:
             return await fut
         except asyncio.CancelledError:
