@@ -294,30 +294,33 @@ class Machine:
 
     def _send(self, sid: int, method: str, payload: bytes, sources: list[tuple[int, Any]],
               resolve: Callable[[bool, Any], None], timeout: float | None,
-              abandoned: Callable[[], bool]) -> None:
+              abandoned: Callable[[], bool]) -> ClientConnection | None:
         """Send a prepared call (any thread but the loop's): from this thread when it
-        can (:meth:`_send_direct`), else through the loop."""
-        if sources or timeout is not None or not self._send_direct(sid, method, payload,
-                                                                   resolve):
-            _loop.get_loop().call_soon_threadsafe(
-                self._dispatch, sid, method, payload, sources, resolve, timeout, abandoned)
+        can (:meth:`_send_direct`; returns the connection it went on), else through the
+        loop (returns None)."""
+        if not sources and timeout is None:
+            conn = self._send_direct(sid, method, payload, resolve)
+            if conn is not None:
+                return conn
+        _loop.get_loop().call_soon_threadsafe(
+            self._dispatch, sid, method, payload, sources, resolve, timeout, abandoned)
+        return None
 
     def _send_direct(self, sid: int, method: str, payload: bytes,
-                     resolve: Callable[[bool, Any], None]) -> bool:
+                     resolve: Callable[[bool, Any], None]) -> ClientConnection | None:
         """The fast path of a call from any thread: send the request on this thread.
 
         Taken when the machine is RUNNING, connected, no other call is in flight on the
         connection, and the call needs nothing of the loop (no streamed arguments, no
-        timeout, no chaos on the link); saves waking the loop thread. Returns False
-        (nothing sent) when the call must take the loop path. The reply is matched on
-        the loop as always.
+        timeout, no chaos on the link); saves waking the loop thread. Returns None
+        (nothing sent) when the call must take the loop path, else the connection.
         """
         conn = self._conn
         if (self._state is not State.RUNNING or conn is None or conn.faults is not None
                 or conn.pending or not conn.is_open()):
             # With other calls in flight the loop path is faster: it batches their
             # writes on one thread instead of several threads taking turns at the socket.
-            return False
+            return None
         with self._inflight_lock:
             self.calls_in_flight += 1
 
@@ -334,7 +337,7 @@ class Machine:
         exc = conn.closed_exc
         if exc is not None and conn.pending.pop(sid, None) is not None:
             once(False, exc)
-        return True
+        return conn
 
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``"Service.method"`` with the arguments and wait for its result.
@@ -350,8 +353,11 @@ class Machine:
               timeout: float | None, rid: str | None) -> Any:
         sid, payload, sources = self._prepare(method, args, kwargs, rid)
         waiter = _Waiter()
-        self._send(sid, method, payload, sources, waiter.resolve, timeout, waiter.abandoned)
+        conn = self._send(sid, method, payload, sources, waiter.resolve, timeout,
+                          waiter.abandoned)
         try:
+            if conn is not None:
+                conn.read_reply_here(sid)
             return waiter.wait()
         except BaseException:
             if waiter.abandon():  # interrupted (KeyboardInterrupt): cancel remotely

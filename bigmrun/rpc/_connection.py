@@ -58,9 +58,26 @@ class BaseConnection(asyncio.Protocol):
         try:
             frames = self.decoder.receive_data(data)
         except ProtocolError as e:
-            log.warning("closing connection from %s: %s", self.peer, e)
-            self.abort(e)
+            self._bad_data(e)
             return
+        self.frames_received(frames)
+
+    def _bad_data(self, e: ProtocolError) -> None:
+        log.warning("closing connection from %s: %s", self.peer, e)
+        self.abort(e)
+
+    def decode_here(self, data: bytes) -> list[P.Frame] | None:
+        """Decode ``data`` on the thread that took the reading over (see
+        ``TlsTransport.take_reading``); None if the peer broke the protocol (the loop
+        then closes the connection)."""
+        try:
+            return self.decoder.receive_data(data)
+        except ProtocolError as e:
+            self.loop.call_soon_threadsafe(self._bad_data, e)
+            return None
+
+    def frames_received(self, frames: list[P.Frame]) -> None:
+        """Handle decoded frames in order (loop thread)."""
         for f in frames:
             t = f.type
             if t == P.DATA:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -63,6 +64,16 @@ class TlsTransport(asyncio.Transport):
         self._done = False  # connection_lost is scheduled
         self._protocol: asyncio.Protocol | None = None
         self._loop_thread = threading.get_ident()
+        # Reading: whoever holds _rlock reads and decodes, the loop or a thread that took
+        # the reading over (see take_reading). The loop watches _ep, an epoll set that
+        # holds the socket only while the loop is to read it, so that handing reading
+        # over and back needs no call into the loop (which only one thread may touch).
+        self._rlock = threading.Lock()
+        self._ep = select.epoll()
+        self._ep.register(self._fd, 0)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._read_paused = False
         self._extra: dict[str, Any] = {
             "socket": sock,
             "ssl_object": sslobj,
@@ -85,33 +96,50 @@ class TlsTransport(asyncio.Transport):
         protocol.connection_made(self)
         if self._done:
             return
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._ep.modify(self._fd, select.EPOLLIN)
+        self._loop.add_reader(self._ep.fileno(), self._on_readable)
         # Application data that came in the same reads as the end of the handshake
         # (a TLS 1.3 client may send its first request right behind its Finished).
-        self._receive(b"")
+        with self._rlock:
+            self._receive(b"")
 
     # --- reading (loop thread) ----------------------------------------------------------
 
     def _on_readable(self) -> None:
+        if not self._rlock.acquire(False):
+            return  # a thread has taken the reading over (and took the socket out of _ep)
         try:
-            data = self._sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._fatal(e)
-            return
-        if not data:
-            self._on_eof()
-            return
-        self._receive(data)
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._fatal(e)
+                return
+            if not data:
+                self._on_eof()
+                return
+            self._receive(data)
+        finally:
+            self._rlock.release()
 
     def _receive(self, data: bytes) -> None:
+        chunks, eof, error = self._decrypt(data)
+        protocol = self._protocol
+        if chunks and protocol is not None:
+            protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if error is not None:
+            self._fatal(error)
+        elif eof:
+            self._on_eof()
+
+    def _decrypt(self, data: bytes) -> tuple[list[bytes], bool, BaseException | None]:
         chunks: list[bytes] = []
         eof = False
         error: BaseException | None = None
         with self._lock:
             if self._done:
-                return
+                return chunks, False, None
             if data:
                 self._in.write(data)
             ssl_read = self._ssl.read
@@ -130,18 +158,66 @@ class TlsTransport(asyncio.Transport):
                 error = e
             if self._out.pending:  # post-handshake messages (tickets, key updates)
                 self._send_locked(self._out.read())
-        protocol = self._protocol
-        if chunks and protocol is not None:
-            protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if error is not None:
-            self._fatal(error)
+        return chunks, eof, error
+
+    # --- reading from another thread ------------------------------------------------------
+
+    def take_reading(self) -> bool:
+        """Take the reading over from the loop (any thread); False if the loop or another
+        thread is reading now. Until :meth:`give_reading` the caller reads with
+        :meth:`read_here` and hands what is not its own to the loop, in order."""
+        if self._done or self._read_paused or not self._rlock.acquire(False):
+            return False
+        try:
+            self._ep.modify(self._fd, 0)
+        except (OSError, ValueError):  # closed meanwhile
+            self._rlock.release()
+            return False
+        return True
+
+    def give_reading(self) -> None:
+        """Hand the reading back to the loop (by the thread that took it)."""
+        try:
+            if not self._done and not self._closing and not self._read_paused:
+                self._ep.modify(self._fd, select.EPOLLIN)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._rlock.release()
+
+    def read_here(self, timeout: float) -> bytes | None:
+        """Wait up to ``timeout`` s for data and return it decrypted (by the thread that
+        took the reading). None: nothing came; b"": nothing to use (the end of the
+        connection, or an error, both passed to the loop to handle)."""
+        if not self._poll.poll(timeout * 1000):
+            return None
+        with self._lock:
+            if self._done:
+                return b""
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:
+                data = None
+                error: BaseException = e
+        if data is None:
+            self._fatal_threadsafe(error)
+            return b""
+        if not data:
+            self._loop.call_soon_threadsafe(self._on_eof)
+            return b""
+        chunks, eof, err = self._decrypt(data)
+        if err is not None:
+            self._fatal_threadsafe(err)
         elif eof:
-            self._on_eof()
+            self._loop.call_soon_threadsafe(self._on_eof)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def _on_eof(self) -> None:
         if self._done:
             return
-        self._loop.remove_reader(self._fd)
+        self._unwatch()
         keep_open = False
         if self._protocol is not None:
             try:
@@ -277,7 +353,7 @@ class TlsTransport(asyncio.Transport):
                 pass  # the peer's close_notify is not awaited
             self._send_locked(self._out.read())
             flushed = not self._wbuf
-        self._loop.remove_reader(self._fd)
+        self._unwatch()
         if flushed:
             self._finish(None)
 
@@ -317,14 +393,19 @@ class TlsTransport(asyncio.Transport):
             if self._done:
                 return
             self._done = True
-        self._loop.remove_reader(self._fd)
+        self._loop.remove_reader(self._ep.fileno())
         if self._writer_on:
             self._loop.remove_writer(self._fd)
             self._writer_on = False
+        try:  # wakes a thread that waits to read (see read_here)
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:
             pass
+        self._ep.close()
         if self._protocol is not None:
             self._loop.call_soon(self._lost, exc)
 
@@ -349,12 +430,22 @@ class TlsTransport(asyncio.Transport):
         return False
 
     def pause_reading(self) -> None:
-        if not self._done:
-            self._loop.remove_reader(self._fd)
+        self._read_paused = True
+        self._unwatch()
 
     def resume_reading(self) -> None:
+        self._read_paused = False
         if not self._done and not self._closing:
-            self._loop.add_reader(self._fd, self._on_readable)
+            try:
+                self._ep.modify(self._fd, select.EPOLLIN)
+            except (OSError, ValueError):
+                pass
+
+    def _unwatch(self) -> None:
+        try:
+            self._ep.modify(self._fd, 0)
+        except (OSError, ValueError):
+            pass
 
 
 # --- handshakes ------------------------------------------------------------------------------
