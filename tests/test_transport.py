@@ -257,3 +257,91 @@ def test_a_peer_of_another_session_is_refused(loop: asyncio.AbstractEventLoop,
 
     with pytest.raises((ssl.SSLError, OSError)):
         run(loop, attempt())
+
+
+# --- a thread that takes the reading over (take_reading / read_here / give_reading) ------
+
+
+def test_a_thread_that_takes_the_reading_reads_and_the_loop_does_not(
+        pair: Any) -> None:
+    client, server, _ = pair
+    t = server.transport
+    assert t.take_reading()
+    try:
+        results: list[bool] = []
+        other = threading.Thread(target=lambda: results.append(t.take_reading()))
+        other.start()
+        other.join(10)
+        assert results == [False], "two threads held the reading at once"
+        assert t.read_here(0.05) is None  # nothing sent yet
+        client.transport.write(P.encode_frame(P.REQUEST, 3, b"for the thread"))
+        decoder = P.FrameDecoder()
+        frames: list[P.Frame] = []
+        while not frames:
+            data = t.read_here(10)
+            assert data, "the data never reached the reading thread"
+            frames = decoder.receive_data(data)
+        assert [(f.stream_id, f.payload) for f in frames] == [(3, b"for the thread")]
+        threading.Event().wait(0.2)
+        assert server.frames == [] and server.bytes == 0, "the loop read as well"
+    finally:
+        t.give_reading()
+    client.transport.write(P.encode_frame(P.REQUEST, 4, b"for the loop"))
+    (f,) = server.wait_frames(1)
+    assert (f.stream_id, f.payload) == (4, b"for the loop")
+
+
+def test_data_that_came_while_a_thread_held_the_reading_goes_to_the_loop_after(
+        pair: Any) -> None:
+    client, server, _ = pair
+    t = server.transport
+    assert t.take_reading()
+    client.transport.write(P.encode_frame(P.REQUEST, 5, b"waits in the socket"))
+    threading.Event().wait(0.2)
+    assert server.frames == []
+    t.give_reading()  # the loop must now see what is already waiting
+    (f,) = server.wait_frames(1)
+    assert f.payload == b"waits in the socket"
+
+
+def test_the_end_of_the_connection_reaches_a_reading_thread_and_the_loop(
+        loop: asyncio.AbstractEventLoop, pair: Any) -> None:
+    client, server, _ = pair
+    t = server.transport
+    assert t.take_reading()
+    try:
+        loop.call_soon_threadsafe(client.transport.close)
+        for _ in range(100):
+            data = t.read_here(10)
+            if data == b"":
+                break
+        else:
+            pytest.fail("the reading thread never saw the end of the connection")
+    finally:
+        t.give_reading()
+    assert server.lost.wait(10), "the loop was not told of the end"
+    assert server.eof
+    assert not t.take_reading()  # nothing left to read
+
+
+def test_closing_wakes_a_thread_waiting_to_read(loop: asyncio.AbstractEventLoop,
+                                                pair: Any) -> None:
+    _, server, _ = pair
+    t = server.transport
+    assert t.take_reading()
+    got: list[bytes | None] = []
+
+    def reader() -> None:
+        try:
+            got.append(t.read_here(60))
+        finally:
+            t.give_reading()
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    threading.Event().wait(0.1)
+    loop.call_soon_threadsafe(server.transport.abort)
+    th.join(20)
+    assert not th.is_alive(), "a thread waiting to read slept through the close"
+    assert got in ([b""], [None])
+    assert server.lost.wait(10)
