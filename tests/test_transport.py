@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import select
 import socket
 import ssl
 import struct
@@ -89,6 +90,11 @@ def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
 @pytest.fixture
 def pair(loop: asyncio.AbstractEventLoop) -> Iterator[tuple[Collector, Collector, Listener]]:
     """A connected (client, server) pair of collectors over real mutual TLS."""
+    yield from make_pair(loop)
+
+
+def make_pair(loop: asyncio.AbstractEventLoop) -> Iterator[tuple[Collector, Collector,
+                                                                 Listener]]:
     ca = CertificateAuthority("transport-test")
     servers: list[Collector] = []
 
@@ -345,3 +351,21 @@ def test_closing_wakes_a_thread_waiting_to_read(loop: asyncio.AbstractEventLoop,
     assert not th.is_alive(), "a thread waiting to read slept through the close"
     assert got in ([b""], [None])
     assert server.lost.wait(10)
+
+
+def test_without_epoll_the_loop_keeps_the_reading(loop: asyncio.AbstractEventLoop,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the platform has no epoll, no thread can take the reading over and the
+    loop reads, writes and closes as before."""
+    monkeypatch.delattr(select, "epoll")
+    gen = make_pair(loop)
+    client, server, _ = next(gen)
+    try:
+        assert not server.transport.take_reading()
+        client.transport.write(P.encode_frame(P.REQUEST, 9, b"via the loop"))
+        (f,) = server.wait_frames(1)
+        assert f.payload == b"via the loop"
+        loop.call_soon_threadsafe(client.transport.close)
+        assert server.lost.wait(10) and server.eof
+    finally:
+        gen.close()

@@ -8,10 +8,13 @@ to become readable, handshakes, timers) but lets any thread *write*: a write enc
 under the transport's lock (``ssl.SSLObject`` over memory BIOs) and sends straight to the
 socket; only what the kernel does not take at once is left for the loop to flush.
 
-Reading, closing and every protocol callback (``connection_made``, ``data_received``,
+Closing and every protocol callback (``connection_made``, ``data_received``,
 ``eof_received``, ``resume_writing``, ``connection_lost``) happen on the loop thread, as
 with asyncio's transports; ``pause_writing`` is called by the thread whose write crossed
-the high-water mark (the protocol only sets a flag).
+the high-water mark (the protocol only sets a flag). Reading is the loop's too, except
+while a thread that would otherwise only wait has taken it over (``take_reading``,
+``read_here``, ``give_reading``): a caller waiting for its reply, a worker waiting for
+the next request. That saves the loop's wake-up and its hand-off to the waiting thread.
 
 The TLS handshake completes before the protocol is made, so no byte of an
 unauthenticated peer reaches it: the server's context requires a client certificate of
@@ -68,11 +71,18 @@ class TlsTransport(asyncio.Transport):
         # the reading over (see take_reading). The loop watches _ep, an epoll set that
         # holds the socket only while the loop is to read it, so that handing reading
         # over and back needs no call into the loop (which only one thread may touch).
+        # Without epoll (not Linux) the loop watches the socket itself and keeps the
+        # reading.
         self._rlock = threading.Lock()
-        self._ep = select.epoll()
-        self._ep.register(self._fd, 0)
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
+        self._ep: Any = None
+        self._watched = self._fd
+        self._poll: Any = None
+        if hasattr(select, "epoll"):
+            self._ep = select.epoll()
+            self._ep.register(self._fd, 0)
+            self._watched = self._ep.fileno()
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLIN)
         self._read_paused = False
         self._extra: dict[str, Any] = {
             "socket": sock,
@@ -96,8 +106,9 @@ class TlsTransport(asyncio.Transport):
         protocol.connection_made(self)
         if self._done:
             return
-        self._ep.modify(self._fd, select.EPOLLIN)
-        self._loop.add_reader(self._ep.fileno(), self._on_readable)
+        if self._ep is not None:
+            self._ep.modify(self._fd, select.EPOLLIN)
+        self._loop.add_reader(self._watched, self._on_readable)
         # Application data that came in the same reads as the end of the handshake
         # (a TLS 1.3 client may send its first request right behind its Finished).
         with self._rlock:
@@ -166,7 +177,8 @@ class TlsTransport(asyncio.Transport):
         """Take the reading over from the loop (any thread); False if the loop or another
         thread is reading now. Until :meth:`give_reading` the caller reads with
         :meth:`read_here` and hands what is not its own to the loop, in order."""
-        if self._done or self._read_paused or not self._rlock.acquire(False):
+        if (self._ep is None or self._done or self._read_paused
+                or not self._rlock.acquire(False)):
             return False
         try:
             self._ep.modify(self._fd, 0)
@@ -393,7 +405,7 @@ class TlsTransport(asyncio.Transport):
             if self._done:
                 return
             self._done = True
-        self._loop.remove_reader(self._ep.fileno())
+        self._loop.remove_reader(self._watched)
         if self._writer_on:
             self._loop.remove_writer(self._fd)
             self._writer_on = False
@@ -405,7 +417,8 @@ class TlsTransport(asyncio.Transport):
             self._sock.close()
         except OSError:
             pass
-        self._ep.close()
+        if self._ep is not None:
+            self._ep.close()
         if self._protocol is not None:
             self._loop.call_soon(self._lost, exc)
 
@@ -436,15 +449,22 @@ class TlsTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         self._read_paused = False
         if not self._done and not self._closing:
-            try:
-                self._ep.modify(self._fd, select.EPOLLIN)
-            except (OSError, ValueError):
-                pass
+            self._watch(True)
 
     def _unwatch(self) -> None:
+        self._watch(False)
+
+    def _watch(self, on: bool) -> None:
+        """Let the loop read the socket, or not (loop thread)."""
+        if self._ep is None:
+            if on:
+                self._loop.add_reader(self._fd, self._on_readable)
+            else:
+                self._loop.remove_reader(self._fd)
+            return
         try:
-            self._ep.modify(self._fd, 0)
-        except (OSError, ValueError):
+            self._ep.modify(self._fd, select.EPOLLIN if on else 0)
+        except (OSError, ValueError):  # closed
             pass
 
 
