@@ -68,6 +68,10 @@ class B:
         #: Whether machines accept injected network faults (bigmrun.testing's chaos).
         self.chaos_enabled = (os.environ.get("BIGMRUN_CHAOS") == "1") if chaos is None \
             else chaos
+        if self.chaos_enabled:  # frames may be dropped or cut: sum streams (_connection)
+            from .rpc._faults import TABLE
+
+            TABLE.checksums = True
         self.name = name
         self.session_id = session_id or secrets.token_hex(6)
         self._ca: CertificateAuthority | None = None

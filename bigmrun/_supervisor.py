@@ -204,6 +204,10 @@ class Supervisor(Dispatcher):
     ) -> None:
         #: Whether the driver may inject network faults here (``Supervisor.chaos``).
         self.chaos_allowed = chaos
+        if chaos:  # frames may be dropped or cut here: sum streams (see _connection)
+            from .rpc._faults import TABLE
+
+            TABLE.checksums = True
         self.name = name
         self.leaf = leaf
         self.b = b

@@ -109,6 +109,9 @@ class FaultTable:
         self._lock = threading.Lock()
         self._links: dict[tuple[str, str], Faults] = {}
         self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Whether streams of this process carry a CRC-32 in their trailers: set in a
+        #: session that allows chaos, and for good once any fault was set here.
+        self.checksums = False
 
     def register(self, conn: Any) -> None:
         """Called by every connection once it knows both ends (loop thread)."""
@@ -127,6 +130,7 @@ class FaultTable:
                 self._links.pop((local, peer), None)
             else:
                 self._links[(local, peer)] = faults
+                self.checksums = True
 
     def clear(self) -> None:
         with self._lock:

@@ -23,9 +23,10 @@ RESPONSE  the call's reply; flag ``STREAM`` says DATA frames follow with the ite
 ERROR     the call failed; payload = encoded error
 DATA      one chunk of a streamed argument or reply
 END       end of a stream; flag ``ERROR`` says the payload is an encoded error, else
-          the payload is the stream's trailer: u64 total DATA payload bytes and the
-          u32 CRC-32 of them, which the receiver checks (a stream that lost or
-          damaged a frame fails instead of delivering wrong data)
+          the payload is the stream's trailer: u64 total DATA payload bytes and a u32
+          CRC-32 of them, meaningful with flag ``CRC``. The receiver checks the total
+          always and the CRC when both ends summed (a stream that lost or damaged a
+          frame fails instead of delivering wrong data)
 CANCEL    the caller gave up on the call (timeout or cancel); the callee should stop
 WINDOW    flow-control credit: the receiver of DATA lets the sender send u32 more bytes
 GOAWAY    the sender closes the connection in order; nothing may follow it
@@ -72,6 +73,7 @@ FLAG_STREAM = 0x01  # RESPONSE: the reply is a stream of DATA frames ending with
 FLAG_ERROR = 0x02  # END: the stream failed; payload is an encoded error
 FLAG_MORE = 0x04  # DATA of a streamed reply: the item continues in the next DATA frame
 FLAG_RAW = 0x08  # DATA, an item's last part: the item is raw bytes, not a pickle
+FLAG_CRC = 0x10  # END: the trailer's CRC-32 was computed (see _connection.checksums)
 
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 #: Payloads this large that arrive in pieces are collected as chunks (see FrameDecoder).

@@ -141,9 +141,11 @@ class ServerConnection(BaseConnection):
     def lost(self, exc: BaseException) -> None:
         if self._connections is not None:
             self._connections.discard(self)
-        running = list(self.running.values())
-        self.running.clear()
-        for run in running:
+        while self.running:  # popitem: a worker may add a call it read meanwhile
+            try:
+                _, run = self.running.popitem()
+            except KeyError:
+                break
             run.cancel()
 
     # --- running a call ------------------------------------------------------------
