@@ -2,10 +2,11 @@
 
 All connections, servers and timers of bigmrun live on this loop; user threads hand it
 work with :func:`submit` (or ``loop.call_soon_threadsafe``) and wait on
-``concurrent.futures`` futures. The loop reads every connection and keeps the RPC
-layer's state; the one thing other threads do themselves is *write* a whole frame
-(``rpc._transport``: a call's request when its connection is idle, a reply from the
-worker that made it), which spares the loop thread a wake-up on each call.
+``concurrent.futures`` futures. The loop keeps the RPC layer's state and reads the
+connections; what other threads do themselves (``rpc._transport``) is *write* whole
+frames (a call's request when its connection is idle, a reply from the worker that
+made it) and, while they would otherwise only wait, *read*: a blocking call its own
+reply, a worker the next request. That spares the loop thread's wake-ups on each call.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
         return loop
     with _lock:
         if _loop is None:
+            raise_open_file_limit()
             loop = asyncio.new_event_loop()
             loop.set_exception_handler(_quiet_handshake_errors)
             ready = threading.Event()
@@ -59,6 +61,27 @@ def get_loop() -> asyncio.AbstractEventLoop:
             ready.wait()
             _loop = loop
         return _loop
+
+
+def raise_open_file_limit(cap: int = 1 << 20) -> int:
+    """Raise this process's soft limit of open files to its hard limit (at most
+    ``cap``), as Go's runtime does: each connection holds two descriptors (its socket
+    and the epoll set its reading is handed through) and each local machine its pipes,
+    so the usual soft limit of 1,024 would cap a driver at a few hundred machines.
+    Returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return int(soft)
 
 
 def in_loop_thread() -> bool:

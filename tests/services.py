@@ -148,6 +148,12 @@ class Echo:
         b = bigmrun.current()
         return {"name": b.name, "is_driver": b.is_driver}
 
+    def nofile(self) -> int:
+        """This process's soft limit of open files."""
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
 
 class WhoAmI:
     """Records what ``init`` saw; counts how often it ran."""

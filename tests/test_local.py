@@ -533,3 +533,24 @@ def test_program_reruns_as_script_and_module(tmp_path: Path, mode: str) -> None:
     assert result["main_spec"] == (None if mode == "script" else "mypkg.app")
     # The machine's module-level code ran too (it printed, prefixed, on the driver).
     assert "m0: ENTERED m0" in r.stderr.splitlines()
+
+
+def test_the_open_file_limit_is_raised_on_the_driver_and_the_machines(local_b) -> None:
+    import resource
+
+    from bigmrun._loop import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if want <= 256:
+        pytest.skip(f"the hard limit of open files here is only {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        # A machine started now inherits 256 and raises it itself when its loop starts.
+        (m,) = local_b.start(1, services={"E": S.Echo()})
+        assert m.wait(bigmrun.State.RUNNING, timeout=60) == bigmrun.State.RUNNING, m.err
+        assert m.call("E.nofile") == want
+        assert raise_open_file_limit() == want
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (want, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
