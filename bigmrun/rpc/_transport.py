@@ -217,14 +217,22 @@ class TlsTransport(asyncio.Transport):
             self._fatal_threadsafe(error)
             return b""
         if not data:
-            self._loop.call_soon_threadsafe(self._on_eof)
+            self._eof_threadsafe()
             return b""
         chunks, eof, err = self._decrypt(data)
         if err is not None:
             self._fatal_threadsafe(err)
         elif eof:
-            self._loop.call_soon_threadsafe(self._on_eof)
+            self._eof_threadsafe()
+        if not chunks:  # only TLS's own records (a ticket), or the end
+            return b"" if err is not None or eof else None
         return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def _eof_threadsafe(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_eof)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
 
     def _on_eof(self) -> None:
         if self._done:
