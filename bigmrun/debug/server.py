@@ -151,17 +151,24 @@ class DebugServer:
         self.url = f"http://{host}:{port}"
         # A short poll interval: shutdown() waits for the serving loop to notice, and
         # every program's exit waits for shutdown().
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name="bigmrun-debug", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="bigmrun-debug",
+                                        daemon=True)
         self.info: sessions.SessionInfo | None = None
 
     def __repr__(self) -> str:
         return f"<DebugServer {self.url} token=<hidden>>"
 
-    def start(self) -> None:
-        from .. import _loop
+    def _serve(self) -> None:
+        # The routes are imported here, off the program's own thread (prometheus_client
+        # and friends take ~0.05 s): a request that comes meanwhile waits in the
+        # listening socket's backlog, not for a route that is not there yet.
         from ..profiling import routes as _profile  # noqa: F401  (/debug/profile)
         from . import dashboard, metrics, routes  # noqa: F401  (registers the routes)
+
+        self._httpd.serve_forever(0.05)
+
+    def start(self) -> None:
+        from .. import _loop
 
         self._thread.start()
         self.monitor.start(_loop.get_loop())
@@ -177,6 +184,11 @@ class DebugServer:
 
         sessions.remove(self.b.session_id)
         self.monitor.stop(_loop.get_loop())
+        # shutdown() waits for the serving loop's next poll (up to 0.05 s): let a thread
+        # of its own wait for that, not the program's exit.
+        threading.Thread(target=self._close, name="bigmrun-debug-stop", daemon=True).start()
+
+    def _close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
 
