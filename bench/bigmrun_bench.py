@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import re
 import subprocess
 import sys
 import time
+
+from _results import emit
 
 import bigmrun
 
@@ -259,12 +260,7 @@ def main() -> None:
             results.update(measure_rt(m, args.duration, "Bench.aecho", "rt_async_pinned"))
     if want("bigpi"):
         results.update(measure_bigpi(args.bigpi_samples))
-    text = json.dumps(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from _results import emit
+
 HEADER = struct.Struct(">IB")
 HSIZE = HEADER.size
 U64 = struct.Struct(">Q")
@@ -337,12 +339,7 @@ def main() -> None:
         asyncio.run(serve())
         return
     results = asyncio.run(client_main(args))
-    text = json.dumps(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

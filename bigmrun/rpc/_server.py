@@ -226,7 +226,7 @@ class ServerConnection(BaseConnection):
                     if decoded is None:
                         continue  # answered with an ERROR
                     method, handler, args, kwargs, meta = decoded
-                    if (handler.is_async or handler.is_asyncgen or self.running
+                    if (handler.is_async or handler.is_asyncgen
                             or (meta and (meta.get("rid") is not None
                                           or meta.get("streams")))):
                         self.loop.call_soon_threadsafe(self._begin, frame, *decoded)

@@ -237,7 +237,7 @@ class TlsTransport(asyncio.Transport):
     def _on_eof(self) -> None:
         if self._done:
             return
-        self._unwatch()
+        self._watch(False)
         keep_open = False
         if self._protocol is not None:
             try:
@@ -373,7 +373,7 @@ class TlsTransport(asyncio.Transport):
                 pass  # the peer's close_notify is not awaited
             self._send_locked(self._out.read())
             flushed = not self._wbuf
-        self._unwatch()
+        self._watch(False)
         if flushed:
             self._finish(None)
 
@@ -452,15 +452,12 @@ class TlsTransport(asyncio.Transport):
 
     def pause_reading(self) -> None:
         self._read_paused = True
-        self._unwatch()
+        self._watch(False)
 
     def resume_reading(self) -> None:
         self._read_paused = False
         if not self._done and not self._closing:
             self._watch(True)
-
-    def _unwatch(self) -> None:
-        self._watch(False)
 
     def _watch(self, on: bool) -> None:
         """Let the loop read the socket, or not (loop thread)."""
